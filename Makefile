@@ -1,0 +1,36 @@
+# The README's commands. Each creates .venv on first use, so `make run` and `make test` work alone
+# on a fresh machine.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.installed-stamp
+export DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup run test bench stack-test clean
+
+setup: $(STAMP)
+
+# torch first and pinned: 2.13.0 is the CPU wheel on this machine's disk; a bare `torch` would
+# download a CUDA build of several GB. DeepSpeed builds no ops at install time (they JIT on use).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/sftflow run
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+bench: setup
+	$(PY) -m bench
+
+stack-test: setup
+	$(PY) -m pytest -q -ra tests/test_stack.py
+
+clean:
+	rm -rf artifacts metrics plots mlflow.db mlartifacts

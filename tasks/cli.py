@@ -1,0 +1,145 @@
+"""`sftflow`: the one command-line parser. Each subcommand builds configs and calls a plain function.
+
+    sftflow <stage> [-p params.yaml] [-S section.key=value ...]
+    sftflow run     [-S ...] [--force]          the whole `retrain` Prefect flow
+    sftflow deploy  --cron "0 3 * * 1"          a scheduled Prefect deployment of `retrain`
+    sftflow promote [--version N]               gate a version (or force one) to `champion`
+    sftflow rollback                            champion back to the previous champion
+    sftflow lineage VERSION                     data → params → code → metrics of a model version
+    sftflow serve   [--host H] [--port P]       the Gradio app for the champion
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.config import DEFAULT_PARAMS_FILE, ParamsError, load_params
+from tasks.errors import SftflowError
+
+# One line per stage for `--help`; the stage modules import torch etc., so they load only on use.
+STAGE_HELP = {
+    "validate": "check the raw data with Great Expectations; write the clean data and a report",
+    "split": "split the clean data into train/val/test by a hash of each row's content",
+    "select": "score candidate base models on validation rows and pick the best",
+    "pretrain": "build the scratch base (tokenizer + decoder) or load a base; pretrain it on the corpus",
+    "train": "supervised fine-tuning (LoRA or full) through the HF Trainer and DeepSpeed",
+    "evaluate": "generate summaries for the test split; score ROUGE/BLEU with bootstrap intervals",
+    "quantize": "quantize the fine-tuned model; measure size, latency and ROUGE-L against full precision",
+    "register": "log the fine-tuned model to MLflow and register a new version with lineage tags",
+}
+
+
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--params", type=Path, default=DEFAULT_PARAMS_FILE, help="params file (default: params.yaml)")
+    p.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a parameter for this run, like `dvc exp run -S` (repeatable)",
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Build the argument parser (no side effects)."""
+    parser = argparse.ArgumentParser(prog="sftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for stage, text in STAGE_HELP.items():
+        _add_params_args(sub.add_parser(stage, help=text, description=text))
+
+    p = sub.add_parser("run", help="run the whole retrain flow (Prefect)", description="run the whole retrain flow (Prefect)")
+    _add_params_args(p)
+    p.add_argument("--force", action="store_true", help="retrain even when the data hash matches the champion's")
+
+    p = sub.add_parser("deploy", help="create a scheduled Prefect deployment of retrain")
+    _add_params_args(p)
+    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * 1"')
+    p.add_argument("--name", default="retrain-scheduled", help="deployment name")
+    p.add_argument("--serve", action="store_true", help="keep serving the deployment (flow.serve) after creating it")
+
+    p = sub.add_parser("promote", help="promote the newest challenger if it passes the gate, or force --version")
+    _add_params_args(p)
+    p.add_argument("--version", type=int, default=None, help="force this version to champion (tagged manual)")
+
+    p = sub.add_parser("rollback", help="move champion back to the previous champion")
+    _add_params_args(p)
+
+    p = sub.add_parser("lineage", help="print data → validation → splits → params → code → metrics → aliases")
+    _add_params_args(p)
+    p.add_argument("version", help="model version number (or an alias such as champion)")
+
+    p = sub.add_parser("serve", help="serve the champion in a Gradio app")
+    _add_params_args(p)
+    p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
+    return parser
+
+
+def _print_result(result: Any) -> None:
+    if result is None:
+        return
+    if isinstance(result, str):
+        print(result)
+    else:
+        print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sftflow` console script."""
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            from flows.retrain import main as run_flow
+
+            return run_flow(params_path=args.params, overrides=args.overrides, force=args.force)
+        if args.command == "deploy":
+            from flows.deploy import deploy
+
+            _print_result(deploy(params_path=args.params, cron=args.cron, name=args.name, overrides=args.overrides, serve=args.serve))
+            return 0
+
+        params = load_params(args.params, args.overrides)
+        if args.command in STAGE_HELP:
+            module = importlib.import_module(f"tasks.{args.command}")
+            _print_result(module.run(params))
+        elif args.command == "promote":
+            from tasks.promote import run as promote
+
+            _print_result(promote(params, version=args.version))
+        elif args.command == "rollback":
+            from tasks.promote import rollback
+
+            _print_result(rollback(params))
+        elif args.command == "lineage":
+            from tasks.register import lineage
+
+            _print_result(lineage(params, args.version))
+        elif args.command == "serve":
+            from tasks.serve import run as serve
+
+            serve(params, host=args.host, port=args.port)
+        return 0
+    except ParamsError as e:
+        print(f"sftflow: {e}", file=sys.stderr)
+        return 2
+    except SftflowError as e:
+        print(f"sftflow {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
