@@ -1,0 +1,135 @@
+"""Greedy, deterministic, batched summary generation: the one generation path for evaluate, quantize,
+select and serve.
+
+Rows are sorted by prompt length so each batch holds prompts of similar length (little padding),
+padded on the left so every row's next token sits in the last column, and decoded with the KV cache.
+Results come back in input order. Batched and one-by-one generation give the same text: transformers
+builds `position_ids` from the attention mask, so a left-padded row sees exactly the positions it would
+see alone, and padded keys are masked out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from tasks.prompt import build_prompt
+
+log = logging.getLogger(__name__)
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    prompt_template: str,
+    use_chat_template: bool,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool = False,
+) -> list[str]:
+    """Generate one summary per text with greedy decoding.
+
+    Args:
+        model: a Hugging Face causal LM (any device; inputs follow `model.device`).
+        tokenizer: its tokenizer (pad token set; `load_model_and_tokenizer` guarantees it).
+        texts: source texts.
+        prompt_template: the `{text}` template (params `data.prompt_template`).
+        use_chat_template: wrap the prompt in the tokenizer's chat template when it has one.
+        max_new_tokens: generation stops at eos or after this many new tokens.
+        batch_size: prompts per forward pass.
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        The generated summaries (new tokens only, special tokens skipped, whitespace stripped), in the
+        order of `texts`. A row whose first new token is eos yields "" (the caller counts it).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    texts = list(texts)
+    if not texts:
+        return []
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; load it with tasks.modeling.load_model_and_tokenizer")
+
+    has_chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    prompts = [build_prompt(t, prompt_template, tokenizer, use_chat_template) for t in texts]
+    # A chat template already spells out BOS and friends; adding them again would double them.
+    add_special = not has_chat
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special)["input_ids"]]
+    # Longest first: the widest batch runs first (memory errors show at once) and padding stays small.
+    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and max(lengths) + max_new_tokens > context:
+        log.warning(
+            "the longest prompt (%d tokens) + max_new_tokens (%d) exceeds the model context (%d); "
+            "its output is unreliable: shorten the texts (validate.max_text_chars) or max_new_tokens",
+            max(lengths), max_new_tokens, context,
+        )
+
+    gen_config = _greedy_config(model, tokenizer, max_new_tokens)
+    eos_ids = set(_as_list(gen_config.eos_token_id))
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = [""] * len(texts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+                enc = tokenizer(
+                    [prompts[i] for i in batch],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=add_special,
+                ).to(model.device)
+                out = model.generate(**enc, generation_config=gen_config)
+                new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
+                for i, ids in zip(batch, new_tokens):
+                    outputs[i] = _decode_until_eos(tokenizer, ids, eos_ids)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return outputs
+
+
+def _greedy_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
+    """The model's generation config made plain greedy: no sampling, beams or penalties from the hub."""
+    from transformers import GenerationConfig
+
+    base = model.generation_config if model.generation_config is not None else GenerationConfig()
+    eos = base.eos_token_id if base.eos_token_id is not None else tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("neither the model's generation config nor the tokenizer defines an eos token")
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=base.bos_token_id,
+        use_cache=True,
+    )
+
+
+def _decode_until_eos(tokenizer: Any, ids: list[int], eos_ids: set[int]) -> str:
+    """Decode the tokens before the first eos (what follows it is padding)."""
+    for n, t in enumerate(ids):
+        if t in eos_ids:
+            ids = ids[:n]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _as_list(x: Any) -> list[int]:
+    """An int or a list of ints as a list."""
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [int(x)]
+
