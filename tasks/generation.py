@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from tasks.prompt import build_prompt
+from tasks.prompt import build_prompt, encode_example
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     progress: bool = False,
+    max_source_length: int | None = None,
 ) -> list[str]:
     """Generate one summary per text with greedy decoding.
 
@@ -41,6 +42,8 @@ def generate(
         max_new_tokens: generation stops at eos or after this many new tokens.
         batch_size: prompts per forward pass.
         progress: show a tqdm bar over batches.
+        max_source_length: when set, a longer prompt has its *text* cut exactly as training cuts it
+            (`tasks.prompt.encode_example`), so the model sees at test time what it was trained on.
 
     Returns:
         The generated summaries (new tokens only, special tokens skipped, whitespace stripped), in the
@@ -58,12 +61,23 @@ def generate(
         raise ValueError("the tokenizer has no pad token; load it with tasks.modeling.load_model_and_tokenizer")
 
     has_chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    prompts = [build_prompt(t, prompt_template, tokenizer, use_chat_template) for t in texts]
-    # A chat template already spells out BOS and friends; adding them again would double them.
-    add_special = not has_chat
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special)["input_ids"]]
+    if max_source_length is None:
+        prompts = [build_prompt(t, prompt_template, tokenizer, use_chat_template) for t in texts]
+        # A chat template already spells out BOS and friends; adding them again would double them.
+        prompt_ids = tokenizer(prompts, add_special_tokens=not has_chat)["input_ids"]
+    else:
+        prompt_ids = []
+        truncated = 0
+        for t in texts:
+            # The prompt part of a training example (labels -100), for an empty summary.
+            f = encode_example(tokenizer, t, "", prompt_template, use_chat_template, max_source_length, 1)
+            prompt_ids.append([i for i, label in zip(f["input_ids"], f["labels"]) if label == -100])
+            truncated += f["truncated_source"]
+        if truncated:
+            log.info("%d of %d texts cut to fit max_source_length=%d tokens", truncated, len(texts), max_source_length)
+    lengths = [len(ids) for ids in prompt_ids]
     # Longest first: the widest batch runs first (memory errors show at once) and padding stays small.
-    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
     context = getattr(model.config, "max_position_embeddings", None)
     if context and max(lengths) + max_new_tokens > context:
         log.warning(
@@ -74,8 +88,6 @@ def generate(
 
     gen_config = _greedy_config(model, tokenizer, max_new_tokens)
     eos_ids = set(_as_list(gen_config.eos_token_id))
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
     outputs: list[str] = [""] * len(texts)
@@ -83,20 +95,32 @@ def generate(
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-                enc = tokenizer(
-                    [prompts[i] for i in batch],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=add_special,
-                ).to(model.device)
-                out = model.generate(**enc, generation_config=gen_config)
-                new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
+                input_ids, attention_mask = _left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
+                out = model.generate(
+                    input_ids=input_ids.to(model.device),
+                    attention_mask=attention_mask.to(model.device),
+                    generation_config=gen_config,
+                )
+                new_tokens = out[:, input_ids.shape[1] :].tolist()
                 for i, ids in zip(batch, new_tokens):
                     outputs[i] = _decode_until_eos(tokenizer, ids, eos_ids)
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
     return outputs
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Left-pad token id lists into (input_ids, attention_mask) tensors: the last column is every row's last token."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for n, r in enumerate(rows):
+        if r:
+            ids[n, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[n, width - len(r) :] = 1
+    return ids, mask
 
 
 def _greedy_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
