@@ -1,0 +1,433 @@
+"""The `register` stage: log the fine-tuned model to MLflow and register a version with lineage tags.
+
+Every version carries what a reviewer needs to trace it: the data content hash (and DVC's md5 from
+dvc.lock), the validation result, the split hashes, the params hash, the base model, the code commit
+and whether the tree was dirty, the Prefect flow run id and the evaluate metrics (as tags of the
+version and metrics of its run). The per-row ROUGE-L of the test predictions is stored in the run
+(`row_scores/<test split sha256>.json`) so `promote` compares two versions row by row without
+generating again. Quantized variants in `artifacts/quantize/<method>/` are registered as versions
+of `<model_name>-<method>`; the main version points at each with a `sftflow.variant.<method>` tag.
+
+Everything the stage reads is checked before anything is written to MLflow, so a failed upstream
+run registers nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.config import Params
+from tasks.errors import StageError
+from tasks.io import file_sha256, read_json, read_jsonl, write_json
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT_NAME = "model"
+REQUIRED_METRICS = ("rouge-1", "rouge-2", "rouge-l")
+ROW_METRIC = "rouge-l"
+ROW_SCORES_DIR = "row_scores"
+VARIANT_TAG = "sftflow.variant."
+SPLITS = ("train", "val", "test")
+_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "jieba", "rouge-chinese")
+
+
+def model_name_of(params: Params, quantization: str | None = None) -> str:
+    """Registered model name of the full model, or of its quantized variant `<name>-<method>`."""
+    base = params.register.model_name
+    return f"{base}-{quantization}" if quantization else base
+
+
+def variant_uri_tag(method: str) -> str:
+    """Tag on a main version whose value is the `models:/` URI of its `method` variant."""
+    return f"{VARIANT_TAG}{method}"
+
+
+# ----------------------------------------------------------------------------- inputs and lineage
+
+
+def _check_model_dir(path: Path, what: str) -> None:
+    if not (path / "config.json").exists():
+        raise StageError(f"{what} {path} has no config.json: run the stage that writes it first")
+
+
+def evaluate_metrics(params: Params) -> dict[str, float]:
+    """The evaluate stage's aggregate metrics (top-level numbers of metrics/evaluate.json).
+
+    Raises:
+        StageError: the file is missing or lacks rouge-1/rouge-2/rouge-l (evaluate did not finish).
+    """
+    path = params.paths.metrics_file("evaluate")
+    if not path.exists():
+        raise StageError(f"{path} does not exist: run `sftflow evaluate` before registering")
+    raw = read_json(path)
+    missing = [k for k in REQUIRED_METRICS if not isinstance(raw.get(k), (int, float))]
+    if missing:
+        raise StageError(f"{path} lacks the metrics {missing}: re-run `sftflow evaluate`")
+    return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def row_scores_from_predictions(params: Params) -> dict[str, float]:
+    """Per-row ROUGE-L by row id, from artifacts/evaluate/predictions.jsonl.
+
+    Raises:
+        StageError: the file is missing, empty, or a row lacks `id` / `rouge-l`.
+    """
+    path = params.paths.stage_dir("evaluate") / "predictions.jsonl"
+    if not path.exists():
+        raise StageError(f"{path} does not exist: run `sftflow evaluate` before registering")
+    try:
+        rows = read_jsonl(path)
+    except ValueError as e:
+        raise StageError(str(e)) from e
+    if not rows:
+        raise StageError(f"{path} is empty: re-run `sftflow evaluate`")
+    scores = {}
+    for n, row in enumerate(rows, 1):
+        if "id" not in row or not isinstance(row.get(ROW_METRIC), (int, float)):
+            raise StageError(f"{path}:{n}: the row lacks `id` or a numeric `{ROW_METRIC}`; re-run `sftflow evaluate`")
+        scores[str(row["id"])] = float(row[ROW_METRIC])
+    return scores
+
+
+def split_hashes(params: Params) -> dict[str, str]:
+    """sha256 of each split file that exists (`split.test_sha256` is what promotion compares on)."""
+    out = {}
+    for name in SPLITS:
+        path = params.paths.stage_dir("split") / f"{name}.jsonl"
+        if path.exists():
+            out[f"split.{name}_sha256"] = file_sha256(path)
+    return out
+
+
+def _dvc_data_md5(params: Params, lock_file: Path) -> str | None:
+    """DVC's md5 of the raw data, from the validate stage's deps in dvc.lock."""
+    if not lock_file.exists():
+        return None
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    deps = ((lock.get("stages") or {}).get("validate") or {}).get("deps") or []
+    wanted = Path(params.data.path)
+    for dep in deps:
+        if Path(dep.get("path", "")) == wanted or Path(dep.get("path", "")).resolve() == wanted.resolve():
+            return dep.get("md5") or dep.get("hash")
+    return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def code_version() -> dict[str, str]:
+    """`code.commit` and `code.dirty` of the working tree ("unknown" outside a git checkout)."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        log.warning("not a git checkout (or no git): code.commit is recorded as unknown")
+        return {"code.commit": "unknown", "code.dirty": "unknown"}
+    status = _git("status", "--porcelain")
+    return {"code.commit": commit, "code.dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def lineage_tags(params: Params, flow_run_id: str | None = None, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    """The tags that trace a model version to its data, validation, splits, params and code.
+
+    Raises:
+        StageError: neither the data file nor a dvc.lock entry for it exists (no data hash), or the
+            test split is missing.
+    """
+    tags: dict[str, str] = {"data.path": str(params.data.path)}
+    data_path = Path(params.data.path)
+    md5 = _dvc_data_md5(params, lock_file)
+    if data_path.is_file():
+        tags["data.sha256"] = file_sha256(data_path)
+    if md5:
+        tags["data.dvc_md5"] = md5
+    if "data.sha256" not in tags and not md5:
+        raise StageError(
+            f"no content hash for the data: {data_path} does not exist and dvc.lock has no validate dep for it; "
+            "run `dvc repro` (or `dvc pull`) so the data is there"
+        )
+    validate_file = params.paths.metrics_file("validate")
+    if validate_file.exists():
+        success = read_json(validate_file).get("success")
+        tags["validate.success"] = "unknown" if success is None else str(bool(success)).lower()
+    else:
+        log.warning("%s does not exist: validate.success is recorded as unknown", validate_file)
+        tags["validate.success"] = "unknown"
+    splits = split_hashes(params)
+    if "split.test_sha256" not in splits:
+        raise StageError(
+            f"{params.paths.stage_dir('split') / 'test.jsonl'} does not exist: run `sftflow split` "
+            "(promotion compares versions on the test split it names)"
+        )
+    tags.update(splits)
+    tags.update(code_version())
+    tags["params.sha256"] = params.digest()
+    tags["model.base"] = params.model.base
+    tags["prefect.flow_run_id"] = flow_run_id or "none"
+    return tags
+
+
+def quantize_metrics(params: Params) -> dict[str, float]:
+    """Numeric leaves of metrics/quantize.json as `quantize.<key>` (empty when there is none)."""
+    from tasks.tracking import flatten_metrics
+
+    path = params.paths.metrics_file("quantize")
+    return flatten_metrics(read_json(path), "quantize") if path.exists() else {}
+
+
+# ----------------------------------------------------------------------------- logging a model
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of the loaded model (listed here so MLflow does not infer them by loading it)."""
+    reqs = []
+    for name in _REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={metadata.version(name).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def generation_settings(params: Params, quantization: str | None = None) -> dict[str, Any]:
+    """The `sftflow.json` of a logged model: how `predict` generates (the same as evaluate)."""
+    return {
+        "prompt_template": params.data.prompt_template,
+        "use_chat_template": params.data.use_chat_template,
+        "max_new_tokens": params.evaluate.max_new_tokens,
+        "batch_size": params.evaluate.batch_size,
+        "language": params.data.language,
+        "quantization": quantization,
+    }
+
+
+def log_and_register(
+    model_dir: Path,
+    params: Params,
+    *,
+    tags: dict[str, Any],
+    registered_name: str | None = None,
+    quantization: str | None = None,
+) -> Any:
+    """Log a Hugging Face model folder as an MLflow pyfunc model and register a new version.
+
+    The model is logged "from code" (tasks/pyfunc_model.py): its artifacts are the folder as it is
+    (safetensors + tokenizer) and `sftflow.json`; nothing is pickled. Logged in the active run if
+    there is one, else in a new run of the `register.experiment` experiment.
+
+    Args:
+        model_dir: the model folder (`artifacts/train/model` or a quantized variant folder).
+        params: parameters (generation settings, experiment and model name).
+        tags: tags of the new version (lineage).
+        registered_name: registered model name; default `register.model_name`.
+        quantization: the quantization method of a variant folder (loaded with tasks.quantize).
+
+    Returns:
+        The `mlflow.entities.model_registry.ModelVersion`.
+
+    Raises:
+        StageError: the folder is not a model folder.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from tasks import pyfunc_model
+    from tasks.tracking import setup_mlflow
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir() or not any(model_dir.iterdir()):
+        raise StageError(f"model folder {model_dir} does not exist or is empty")
+    if quantization is None:
+        _check_model_dir(model_dir, "model folder")
+        if not list(model_dir.glob("*.safetensors")):
+            raise StageError(f"{model_dir} holds no .safetensors weights: save it with tasks.modeling.save_model")
+    name = registered_name or model_name_of(params, quantization)
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema([ColSpec("string")]))
+    started = mlflow.active_run() is None
+    if started:
+        setup_mlflow(params)
+        mlflow.start_run(run_name="register")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings_file = Path(tmp) / pyfunc_model.SETTINGS_FILE
+            write_json(settings_file, generation_settings(params, quantization))
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT_NAME if quantization is None else f"{MODEL_ARTIFACT_NAME}-{quantization}",
+                python_model=str(Path(pyfunc_model.__file__).resolve()),
+                artifacts={pyfunc_model.MODEL_ARTIFACT: str(model_dir), pyfunc_model.SETTINGS_ARTIFACT: str(settings_file)},
+                signature=signature,
+                pip_requirements=_requirements(),
+            )
+        version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    finally:
+        if started:
+            mlflow.end_run()
+    log.info("registered %s version %s from %s", name, version.version, model_dir)
+    return version
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Register `artifacts/train/model` (and its quantized variants) with lineage tags.
+
+    Args:
+        params: the run's parameters.
+        flow_run_id: the Prefect flow run that produced the model (a tag; "none" when run by hand).
+
+    Returns:
+        `version` (the new version of `register.model_name`), `model_name`, `run_id`, `variants`
+        ({method: models:/ URI}), and the lineage tags.
+
+    Raises:
+        StageError: an upstream output is missing or incomplete (nothing is registered then).
+    """
+    import mlflow
+
+    from tasks.tracking import setup_mlflow
+
+    # Read and check everything first: a failed upstream run must not leave a version behind.
+    model_dir = params.paths.stage_dir("train") / "model"
+    _check_model_dir(model_dir, "the fine-tuned model")
+    metrics = evaluate_metrics(params)
+    row_scores = row_scores_from_predictions(params)
+    tags = lineage_tags(params, flow_run_id)
+    quant = quantize_metrics(params)
+    variant_dirs = {}
+    for method in params.quantize.methods:
+        folder = params.paths.stage_dir("quantize") / method
+        if folder.is_dir() and any(folder.iterdir()):
+            variant_dirs[method] = folder
+        else:
+            log.info("no quantized variant %s in %s: not registering one", method, folder)
+    tags.update({f"evaluate.{k}": f"{v:.4f}" for k, v in metrics.items()})
+    tags.update({k: f"{v:.4f}" for k, v in quant.items()})
+    test_sha = tags["split.test_sha256"]
+
+    started = mlflow.active_run() is None
+    if started:
+        setup_mlflow(params)
+        mlflow.start_run(run_name="register")
+    try:
+        run_id = mlflow.active_run().info.run_id
+        mlflow.log_metrics({f"evaluate.{k}": v for k, v in metrics.items()} | quant)
+        save_row_scores(run_id, test_sha, row_scores)
+        # Variants first: the main version (what promote looks at) appears only once they exist.
+        variants = {}
+        for method, folder in variant_dirs.items():
+            v = log_and_register(folder, params, tags=tags | {"sftflow.variant_of": model_name_of(params)},
+                                 quantization=method)
+            variants[method] = f"models:/{v.name}/{v.version}"
+        version = log_and_register(
+            model_dir, params, tags=tags | {variant_uri_tag(m): uri for m, uri in variants.items()}
+        )
+    finally:
+        if started:
+            mlflow.end_run()
+    result = {
+        "version": int(version.version),
+        "model_name": version.name,
+        "run_id": run_id,
+        "variants": variants,
+        "tags": tags,
+    }
+    log.info("registered %s version %s (%d variants)", version.name, version.version, len(variants))
+    return result
+
+
+def save_row_scores(run_id: str, test_sha256: str, scores: dict[str, float]) -> None:
+    """Store per-row ROUGE-L of a run's model on the test split with that hash, as a run artifact."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{test_sha256}.json"
+        write_json(path, {"test_sha256": test_sha256, "metric": ROW_METRIC, "scores": scores})
+        mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path=ROW_SCORES_DIR)
+
+
+def load_row_scores(run_id: str, test_sha256: str) -> dict[str, float] | None:
+    """Per-row ROUGE-L stored in a run for that test split, or None when there are none for it."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    names = {Path(f.path).name for f in client.list_artifacts(run_id, ROW_SCORES_DIR)}
+    if f"{test_sha256}.json" not in names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, f"{ROW_SCORES_DIR}/{test_sha256}.json", tmp)
+        return {str(k): float(v) for k, v in json.loads(Path(local).read_text(encoding="utf-8"))["scores"].items()}
+
+
+# ----------------------------------------------------------------------------- lineage
+
+
+def resolve_version(client: Any, name: str, version: str | int) -> Any:
+    """A ModelVersion from a number or an alias (`champion`), with a clear error when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(version).strip()
+    try:
+        if text.isdigit():
+            return client.get_model_version(name, text)
+        return client.get_model_version_by_alias(name, text)
+    except MlflowException as e:
+        raise StageError(f"{name} has no version or alias {text!r}: see `mlflow ui` or `sftflow lineage champion`") from e
+
+
+def lineage(params: Params, version: str | int) -> str:
+    """The chain of a model version: data → validation → splits → params → code → metrics → aliases.
+
+    Args:
+        params: parameters (model name, store).
+        version: a version number or an alias (`champion`, `challenger`).
+
+    Returns:
+        A multi-line report.
+
+    Raises:
+        StageError: the version or alias does not exist.
+    """
+    import mlflow
+
+    from tasks.tracking import setup_mlflow
+
+    setup_mlflow(params)
+    client = mlflow.MlflowClient()
+    name = params.register.model_name
+    mv = resolve_version(client, name, version)
+    t = mv.tags
+    aliases = client.get_registered_model(name).aliases
+    own_aliases = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
+    metrics = {k[len("evaluate."):]: v for k, v in sorted(t.items()) if k.startswith("evaluate.")}
+    dirty = {"true": " (tree dirty: uncommitted changes)", "false": ""}.get(t.get("code.dirty", ""), " (dirty: unknown)")
+    lines = [
+        f"{name} version {mv.version}  (run {mv.run_id})",
+        f"  data        {t.get('data.path', '?')}  sha256 {t.get('data.sha256', '?')}"
+        + (f"  dvc md5 {t['data.dvc_md5']}" if "data.dvc_md5" in t else ""),
+        f"  ↓ validation success={t.get('validate.success', '?')}",
+        "  ↓ splits    " + "  ".join(f"{s} {t.get(f'split.{s}_sha256', '?')[:12]}" for s in SPLITS),
+        f"  ↓ params    sha256 {t.get('params.sha256', '?')}  base model {t.get('model.base', '?')}",
+        f"  ↓ code      commit {t.get('code.commit', '?')}{dirty}",
+        f"  ↓ flow run  {t.get('prefect.flow_run_id', '?')}",
+        "  ↓ metrics   " + ("  ".join(f"{k} {v}" for k, v in metrics.items()) or "(none)"),
+        f"  ↓ promotion {t.get('promote.decision', 'not yet gated')}"
+        + (f": {t['promote.reason']}" if "promote.reason" in t else ""),
+        "  ↓ aliases   " + (", ".join(own_aliases) or "(none)"),
+    ]
+    variants = {k[len(VARIANT_TAG):]: v for k, v in t.items() if k.startswith(VARIANT_TAG)}
+    if variants:
+        lines.append("    variants  " + "  ".join(f"{m} {uri}" for m, uri in sorted(variants.items())))
+    return "\n".join(lines)
