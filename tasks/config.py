@@ -146,6 +146,9 @@ class ValidateConfig(Section):
     max_duplicate_share: float = Field(default=0.05, ge=0, le=1)
     min_language_share: float = Field(default=0.9, ge=0, le=1)
     min_cjk_ratio: float = Field(default=0.3, ge=0, le=1, description="Share of CJK chars for a zh row.")
+    min_ascii_word_ratio: float = Field(
+        default=0.8, ge=0, le=1, description="Share of letter runs that are ASCII words for an en row."
+    )
     max_dropped_share: float = Field(default=0.1, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -193,6 +196,7 @@ class PretrainConfig(Section):
     batch_size: int = Field(default=16, gt=0)
     block_size: int = Field(default=256, gt=0)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    logging_steps: int = Field(default=10, gt=0)
     seed: int = 42
 
 
@@ -225,8 +229,12 @@ class TrainConfig(Section):
     group_by_length: bool = True
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     save_steps: int = Field(default=100, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0, description="Newest checkpoints kept (2: one survives a kill mid-save).")
     eval_steps: int = Field(default=50, gt=0)
-    logging_steps: int = Field(default=10, gt=0)
+    logging_steps: int = Field(default=1, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto = bf16 on a GPU that supports it, else fp32."
+    )
     seed: int = 42
 
 
@@ -241,6 +249,10 @@ class EvaluateConfig(Section):
     seed: int = 42
     baseline_max_k: int = Field(default=60, gt=0, description="Largest k tried for the lead-k baseline.")
     score_base: bool = True
+    cache_dir: Path = Field(
+        default=Path(".cache/sftflow/generations"),
+        description="Generations keyed by (model hash, rows hash, generation params); outside DVC outs.",
+    )
 
 
 class QuantizeConfig(Section):
