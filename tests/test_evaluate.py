@@ -1,0 +1,118 @@
+"""tasks/evaluate.py: the stage end to end on tiny artifacts, the lead-k baseline and the generation cache."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import ROOT, sample_rows
+from tasks.config import load_params
+from tasks.errors import StageError
+from tasks.io import file_sha256, read_json, read_jsonl, write_jsonl
+
+
+@pytest.fixture
+def stage_params(tmp_path, tiny_overrides, tiny_model_dir):
+    """Upstream artifacts built by hand: split files from demo rows, the tiny model as base and fine-tuned."""
+    import torch
+
+    from tasks.modeling import load_model_and_tokenizer, save_model
+
+    rows = sample_rows(40)
+    split = tmp_path / "artifacts" / "split"
+    write_jsonl(split / "train.jsonl", rows[:20])
+    write_jsonl(split / "val.jsonl", rows[20:30])
+    write_jsonl(split / "test.jsonl", rows[30:40])
+    shutil.copytree(tiny_model_dir, tmp_path / "artifacts" / "pretrain" / "model")
+    # The "fine-tuned" model differs from the base so the two really get generated separately.
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3, generator=g)
+    save_model(model, tokenizer, tmp_path / "artifacts" / "train" / "model")
+    overrides = tiny_overrides + [f"evaluate.cache_dir={tmp_path / 'cache'}", "evaluate.baseline_max_k=15"]
+    return load_params(ROOT / "params.yaml", overrides)
+
+
+def test_evaluate_stage_end_to_end(stage_params, monkeypatch):
+    import tasks.evaluate as evaluate
+
+    calls = []
+    real_generate = evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+
+    metrics = evaluate.run(stage_params)
+    assert len(calls) == 2  # fine-tuned and base
+
+    out = stage_params.paths.stage_dir("evaluate")
+    test_file = stage_params.paths.stage_dir("split") / "test.jsonl"
+    predictions = read_jsonl(out / "predictions.jsonl")
+    assert [p["id"] for p in predictions] == [r["id"] for r in read_jsonl(test_file)]
+    assert set(predictions[0]) >= {"id", "text", "reference", "prediction", "rouge-1", "rouge-2", "rouge-l", "bleu-4"}
+    assert metrics == read_json(stage_params.paths.metrics_file("evaluate"))
+    for m in ("rouge-1", "rouge-2", "rouge-l", "bleu-4"):
+        assert metrics[m] == pytest.approx(sum(p[m] for p in predictions) / len(predictions))
+        assert metrics[f"{m}_low"] <= metrics[m] <= metrics[f"{m}_high"]
+        assert m in metrics["base"] and m in metrics["baseline"]
+    assert metrics["test_rows"] == 10
+    assert metrics["test_sha256"] == file_sha256(test_file)
+    assert metrics["empty_predictions"] == sum(not p["prediction"].strip() for p in predictions)
+    assert 1 <= metrics["baseline"]["k"] <= 15
+    baseline = read_jsonl(out / "baseline_predictions.jsonl")
+    assert all(b["prediction"] == b["text"][: metrics["baseline"]["k"]] for b in baseline)
+    assert len(read_jsonl(out / "base_predictions.jsonl")) == 10
+    assert metrics["base"]["model_sha256"] != metrics["model_sha256"]
+    assert {"rouge-l_delta", "rouge-l_low", "rouge-l_high"} <= set(metrics["gain_over_base"])
+    png = stage_params.paths.plots_dir("evaluate") / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Unchanged models, rows and generation params: served from the cache, not generated again.
+    again = evaluate.run(stage_params)
+    assert len(calls) == 2
+    assert again == metrics
+    # A generation parameter changes what is written: both models generate again.
+    stage_params.evaluate.max_new_tokens = 4
+    evaluate.run(stage_params)
+    assert len(calls) == 4
+
+
+def test_evaluate_model_accepts_a_loaded_model(stage_params):
+    from tasks.evaluate import evaluate_model
+    from tasks.modeling import load_model_and_tokenizer
+
+    model_dir = stage_params.paths.stage_dir("train") / "model"
+    rows = read_jsonl(stage_params.paths.stage_dir("split") / "test.jsonl")[:4]
+    from_dir, scores_dir = evaluate_model(model_dir, rows, stage_params, progress=False)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    loaded, scores_loaded = evaluate_model(model, rows, stage_params, tokenizer=tokenizer, progress=False)
+    assert loaded == from_dir
+    assert scores_loaded["rouge-l"] == scores_dir["rouge-l"]
+    with pytest.raises(StageError, match="tokenizer"):
+        evaluate_model(model, rows, stage_params, progress=False)
+
+
+def test_lead_k_is_chosen_on_val_rows():
+    from tasks.evaluate import choose_lead_k, lead
+
+    # Each summary is exactly the first four characters of its text: lead-4 scores 100, any other k less.
+    rows = [
+        {"text": "我爱北京天安门，天安门上太阳升。", "summary": "我爱北京"},
+        {"text": "今天天气很好我们去公园散步吧。", "summary": "今天天气"},
+    ]
+    k, best = choose_lead_k(rows, 10, "zh")
+    assert k == 4 and lead(rows[0]["text"], k, "zh") == "我爱北京"
+    assert best == pytest.approx(100, abs=1e-4)
+    rows[1]["summary"] = "今天天气很好"  # now a longer lead pays on row 2 more than it costs on row 1
+    assert choose_lead_k(rows, 10, "zh")[0] > 4
+    assert lead("The cat sat on the mat", 3, "en") == "The cat sat"
+
+
+def test_missing_model_names_the_fix(stage_params):
+    from tasks.evaluate import run
+
+    shutil.rmtree(stage_params.paths.stage_dir("pretrain") / "model")
+    with pytest.raises(StageError, match="score_base=false"):
+        run(stage_params)
