@@ -72,6 +72,7 @@ class SummarizerModel(PythonModel):
             use_chat_template=self.settings["use_chat_template"],
             max_new_tokens=self.settings["max_new_tokens"],
             batch_size=self.settings["batch_size"],
+            max_source_length=self.settings.get("max_source_length"),
         )
 
 

@@ -201,11 +201,11 @@ def _requirements() -> list[str]:
 
 
 def generation_settings(params: Params, quantization: str | None = None) -> dict[str, Any]:
-    """The `sftflow.json` of a logged model: how `predict` generates (the same as evaluate)."""
+    """The `sftflow.json` of a logged model: how `predict` generates (exactly as evaluate does)."""
+    from tasks.evaluate import generation_settings as evaluate_generation_settings
+
     return {
-        "prompt_template": params.data.prompt_template,
-        "use_chat_template": params.data.use_chat_template,
-        "max_new_tokens": params.evaluate.max_new_tokens,
+        **evaluate_generation_settings(params),
         "batch_size": params.evaluate.batch_size,
         "language": params.data.language,
         "quantization": quantization,
@@ -313,6 +313,12 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
             variant_dirs[method] = folder
         else:
             log.info("no quantized variant %s in %s: not registering one", method, folder)
+    evaluated_on = read_json(params.paths.metrics_file("evaluate")).get("test_sha256")
+    if evaluated_on and evaluated_on != tags["split.test_sha256"]:
+        raise StageError(
+            f"{params.paths.metrics_file('evaluate')} was computed on another test split "
+            f"({evaluated_on[:12]}, now {tags['split.test_sha256'][:12]}): re-run `sftflow evaluate`"
+        )
     tags.update({f"evaluate.{k}": f"{v:.4f}" for k, v in metrics.items()})
     tags.update({k: f"{v:.4f}" for k, v in quant.items()})
     test_sha = tags["split.test_sha256"]

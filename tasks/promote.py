@@ -1,0 +1,408 @@
+"""The `promote` stage: gate the newest model version to `champion`; forced promotion and rollback.
+
+The newest version of `register.model_name` gets the alias `challenger`. It becomes `champion`
+when there is no champion yet, or when on the current test split
+
+- its mean ROUGE-L beats the champion's by at least `promote.min_delta` points,
+- the paired bootstrap of the per-row differences has its 95% lower bound above 0, and
+- each of its quantized variants loses at most `quantize.max_drop` ROUGE-L points.
+
+Per-row scores come from the row scores `register` stores in each version's run, keyed by the
+test split's sha256; a version without scores for the current split (the champion after the data
+grew) is loaded from the registry and scored again, and those scores are cached the same way.
+
+The decision and its figures become tags on both versions (and metrics of the active run). The
+registered model's tag `promote.history` lists the champions in order, for `rollback`. Promotions
+are serialised by a file lock beside the store and the champion is re-read before the alias is
+moved (compare-and-set), so two promotions racing leave exactly one champion, chosen as if they ran
+one after the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Params
+from tasks.errors import StageError
+from tasks.io import file_sha256, read_jsonl
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG = "promote.history"
+HISTORY_LENGTH = 100  # registry tag values are bounded; the newest champions are what rollback needs
+LOCK_NAME = "sftflow-promote.lock"
+
+
+# ----------------------------------------------------------------------------- registry helpers
+
+
+def _client(params: Params) -> Any:
+    import mlflow
+
+    from tasks.tracking import setup_mlflow
+
+    setup_mlflow(params)
+    return mlflow.MlflowClient()
+
+
+def lock_path() -> Path:
+    """The promotion lock: beside a sqlite store, else in the project root (the cwd)."""
+    from tasks.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).resolve()
+        return db.parent / f".{db.name}.{LOCK_NAME}"
+    return Path.cwd() / f".{LOCK_NAME}"
+
+
+@contextlib.contextmanager
+def promotion_lock() -> Iterator[None]:
+    """Hold an exclusive lock for one compare-and-set of the aliases (threads and processes alike).
+
+    flock locks belong to an open file description, so each caller opens the file itself and two
+    threads of one process exclude each other as two processes do.
+    """
+    path = lock_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _alias_version(client: Any, name: str, alias: str) -> str | None:
+    """The version number an alias points at, or None."""
+    version = client.get_registered_model(name).aliases.get(alias)
+    return None if version is None else str(version)
+
+
+def _history(client: Any, name: str) -> list[str]:
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
+    return [str(v) for v in json.loads(raw)] if raw else []
+
+
+def _set_champion(client: Any, name: str, version: str, expected: str | None) -> None:
+    """Compare-and-set: move `champion` to `version` only if it still points at `expected`."""
+    current = _alias_version(client, name, CHAMPION)
+    if current != expected:
+        raise StageError(
+            f"champion of {name} moved from {expected} to {current} while version {version} was gated; "
+            "run `sftflow promote` again"
+        )
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    history = _history(client, name) + [str(version)]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_LENGTH:]))
+    after = _alias_version(client, name, CHAMPION)
+    if after != str(version):  # another writer (without the lock, e.g. a second machine) got in
+        raise StageError(f"champion of {name} is {after} right after setting it to {version}: re-run promote")
+
+
+def _set_tags(client: Any, name: str, version: str, tags: dict[str, Any]) -> None:
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+
+
+def _log_to_active_run(decision: dict[str, Any]) -> None:
+    """Record the decision in the flow's MLflow run, when there is one."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    mlflow.set_tag("promote.decision", decision["decision"])
+    mlflow.set_tag("promote.version", decision["version"])
+    figures = {f"promote.{k}": v for k, v in decision.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if figures:
+        mlflow.log_metrics(figures)
+
+
+def newest_version(client: Any, name: str) -> Any:
+    """The highest version number of a registered model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as e:
+        raise StageError(f"cannot list versions of {name}: {e}") from e
+    if not versions:
+        raise StageError(f"{name} has no registered version: run `sftflow register` first")
+    return max(versions, key=lambda v: int(v.version))
+
+
+# ----------------------------------------------------------------------------- per-row scores
+
+
+def _current_test(params: Params, fallback_sha: str) -> tuple[str, Path | None]:
+    """(sha256, path) of the current test split; the candidate's split when the file is not here."""
+    path = params.paths.stage_dir("split") / "test.jsonl"
+    if path.exists():
+        return file_sha256(path), path
+    log.info("%s is not here: comparing on the candidate's test split %s", path, fallback_sha[:12])
+    return fallback_sha, None
+
+
+def rescore(params: Params, name: str, version: str, test_path: Path, ids: list[str] | None = None) -> dict[str, float]:
+    """Load a registered version, generate for the test rows and score per-row ROUGE-L.
+
+    Args:
+        params: `data.language` for scoring, paths.
+        name: registered model name.
+        version: its version number.
+        test_path: the test split file.
+        ids: only these row ids (default: every row, or the first `evaluate.rows`).
+
+    Returns:
+        Row id -> ROUGE-L (F × 100).
+    """
+    import mlflow
+    import pandas as pd
+
+    from tasks.scoring import score
+
+    rows = read_jsonl(test_path)
+    if ids is not None:
+        wanted = set(ids)
+        rows = [r for r in rows if str(r["id"]) in wanted]
+        missing = wanted - {str(r["id"]) for r in rows}
+        if missing:
+            raise StageError(f"{test_path} lacks the rows {sorted(missing)[:5]}: the split changed mid-promotion")
+    elif params.evaluate.rows:
+        rows = rows[: params.evaluate.rows]
+    log.info("scoring %s version %s on %d test rows of %s", name, version, len(rows), test_path)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    predictions = model.predict(pd.DataFrame({"text": [r["text"] for r in rows]}))
+    scores = score(predictions, [r["summary"] for r in rows], params.data.language, bootstrap_samples=1)
+    return {str(r["id"]): s["rouge-l"] for r, s in zip(rows, scores["per_row"])}
+
+
+def row_scores(
+    params: Params, name: str, mv: Any, test_sha: str, test_path: Path | None, ids: list[str] | None = None
+) -> tuple[dict[str, float], bool]:
+    """Per-row ROUGE-L of a version on the test split `test_sha`: cached, else scored and cached.
+
+    Returns:
+        (scores by row id, whether they were computed now).
+
+    Raises:
+        StageError: no cached scores for that split and no test file to score on.
+    """
+    from tasks.register import load_row_scores, save_row_scores
+
+    cached = load_row_scores(mv.run_id, test_sha)
+    if cached is not None and (ids is None or set(ids) <= cached.keys()):
+        return cached, False
+    if test_path is None:
+        raise StageError(
+            f"version {mv.version} has no row scores for test split {test_sha[:12]} and "
+            f"{params.paths.stage_dir('split') / 'test.jsonl'} is not here to score it: run `dvc pull` or `sftflow split`"
+        )
+    scores = rescore(params, name, mv.version, test_path, ids)
+    save_row_scores(mv.run_id, test_sha, {**(cached or {}), **scores})
+    return scores, True
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def variant_drops(tags: dict[str, str]) -> dict[str, float | None]:
+    """ROUGE-L points each registered quantized variant of a version loses (None: not measured)."""
+    from tasks.register import VARIANT_TAG
+
+    out: dict[str, float | None] = {}
+    full = tags.get("evaluate.rouge-l")
+    for key in tags:
+        if not key.startswith(VARIANT_TAG):
+            continue
+        method = key[len(VARIANT_TAG):]
+        drop = tags.get(f"quantize.{method}.rouge-l_drop")
+        if drop is not None:
+            out[method] = float(drop)
+        elif full is not None and f"quantize.{method}.rouge-l" in tags:
+            out[method] = float(full) - float(tags[f"quantize.{method}.rouge-l"])
+        else:
+            out[method] = None
+    return out
+
+
+def compare(params: Params, name: str, candidate: Any, champion: Any) -> dict[str, Any]:
+    """The gate's figures and decision for a candidate against the champion (nothing is moved here)."""
+    from tasks.scoring import paired_bootstrap
+
+    cfg = params.promote
+    test_sha, test_path = _current_test(params, candidate.tags.get("split.test_sha256", ""))
+    cand_scores, cand_rescored = row_scores(params, name, candidate, test_sha, test_path)
+    ids = sorted(cand_scores)
+    champ_scores, champ_rescored = row_scores(params, name, champion, test_sha, test_path, ids)
+    a = [cand_scores[i] for i in ids]
+    b = [champ_scores[i] for i in ids]
+    boot = paired_bootstrap(a, b, cfg.bootstrap_samples, cfg.seed)
+    figures: dict[str, Any] = {
+        "challenger_rouge-l": sum(a) / len(a),
+        "champion_rouge-l": sum(b) / len(b),
+        "delta": boot["delta"],
+        "low": boot["low"],
+        "high": boot["high"],
+        "rows": len(ids),
+        "min_delta": cfg.min_delta,
+        "test_sha256": test_sha,
+        "champion_rescored": champ_rescored,
+        "challenger_rescored": cand_rescored,
+    }
+    reasons = []
+    if boot["delta"] < cfg.min_delta:
+        reasons.append(f"ROUGE-L gain {boot['delta']:.2f} < promote.min_delta {cfg.min_delta:g}")
+    if boot["low"] <= 0:
+        reasons.append(f"95% lower bound of the gain {boot['low']:.2f} is not above 0 (within noise)")
+    for method, drop in variant_drops(candidate.tags).items():
+        figures[f"{method}_drop"] = drop
+        if drop is None:
+            reasons.append(f"the {method} variant has no measured ROUGE-L drop (metrics/quantize.json)")
+        elif drop > params.quantize.max_drop:
+            reasons.append(f"the {method} variant loses {drop:.2f} ROUGE-L > quantize.max_drop {params.quantize.max_drop:g}")
+    figures["promote"] = not reasons
+    figures["reason"] = "; ".join(reasons) or (
+        f"ROUGE-L +{boot['delta']:.2f} [{boot['low']:.2f}, {boot['high']:.2f}] over version {champion.version}"
+    )
+    return figures
+
+
+def gate(params: Params, candidate: int | str) -> dict[str, Any]:
+    """Make `candidate` the challenger and promote it to champion if it passes the gate.
+
+    Args:
+        params: parameters (`promote.*`, `quantize.max_drop`, paths, model name).
+        candidate: the version number to gate.
+
+    Returns:
+        `version`, `decision` (`champion`, `challenger` or `already champion`), `champion` (after),
+        `previous_champion`, `reason` and the figures (delta, low, high, rows...).
+
+    Raises:
+        StageError: the version does not exist, or scores cannot be had.
+    """
+    from tasks.register import resolve_version
+
+    client = _client(params)
+    name = params.register.model_name
+    with promotion_lock():
+        cand = resolve_version(client, name, candidate)
+        client.set_registered_model_alias(name, CHALLENGER, cand.version)
+        champ_version = _alias_version(client, name, CHAMPION)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if champ_version == str(cand.version):
+            return {"version": int(cand.version), "decision": "already champion", "champion": int(cand.version),
+                    "previous_champion": None, "reason": "this version is the champion"}
+        if champ_version is None:
+            figures = {"promote": True, "reason": "no champion yet"}
+            champ = None
+        else:
+            champ = client.get_model_version(name, champ_version)
+            figures = compare(params, name, cand, champ)
+        decision = CHAMPION if figures["promote"] else CHALLENGER
+        tags = {"promote.decision": decision, "promote.reason": figures["reason"], "promote.at": now,
+                "promote.manual": "false", "promote.compared_with": champ_version or "none"}
+        tags.update({f"promote.{k}": (f"{v:.4f}" if isinstance(v, float) else v)
+                     for k, v in figures.items() if k not in {"promote", "reason"}})
+        if figures["promote"]:
+            _set_champion(client, name, cand.version, champ_version)
+        _set_tags(client, name, cand.version, tags)
+        if champ is not None:
+            _set_tags(client, name, champ.version, {
+                "promote.last_challenger": cand.version,
+                "promote.last_challenge": json.dumps({k: v for k, v in tags.items() if k != "promote.reason"}
+                                                     | {"reason": figures["reason"]}, ensure_ascii=False)[:4900],
+                "promote.decision": "replaced" if figures["promote"] else "defended",
+            })
+    result = {
+        "version": int(cand.version),
+        "decision": decision,
+        "champion": int(cand.version) if figures["promote"] else int(champ_version),
+        "previous_champion": int(champ_version) if champ_version else None,
+        **{k: v for k, v in figures.items() if k != "promote"},
+    }
+    log.info("version %s: %s (%s)", cand.version, decision, figures["reason"])
+    _log_to_active_run(result)
+    return result
+
+
+def run(params: Params, version: int | None = None) -> dict[str, Any]:
+    """The stage: gate the newest version, or force `version` to champion.
+
+    Args:
+        params: parameters.
+        version: force this version to champion without the gate (tagged `promote.manual=true`).
+
+    Returns:
+        The decision (see `gate`).
+    """
+    if version is not None:
+        return force(params, version)
+    client = _client(params)
+    return gate(params, newest_version(client, params.register.model_name).version)
+
+
+def force(params: Params, version: int | str) -> dict[str, Any]:
+    """Make `version` the champion without the gate; tagged manual, recorded in the history."""
+    from tasks.register import resolve_version
+
+    client = _client(params)
+    name = params.register.model_name
+    with promotion_lock():
+        mv = resolve_version(client, name, version)
+        previous = _alias_version(client, name, CHAMPION)
+        if previous != str(mv.version):
+            _set_champion(client, name, mv.version, previous)
+        _set_tags(client, name, mv.version, {
+            "promote.decision": CHAMPION, "promote.manual": "true", "promote.compared_with": previous or "none",
+            "promote.reason": "forced with `sftflow promote --version`", "promote.at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        if previous and previous != str(mv.version):
+            _set_tags(client, name, previous, {"promote.decision": "replaced", "promote.last_challenger": mv.version})
+    result = {"version": int(mv.version), "decision": CHAMPION, "manual": True, "champion": int(mv.version),
+              "previous_champion": int(previous) if previous else None}
+    log.info("forced version %s to champion (was %s)", mv.version, previous)
+    _log_to_active_run(result)
+    return result
+
+
+def rollback(params: Params) -> dict[str, Any]:
+    """Move `champion` back to the previous champion in `promote.history`.
+
+    Returns:
+        `champion` (now), `rolled_back` (the version that was champion) and the history.
+
+    Raises:
+        StageError: there is no champion or no earlier champion to go back to.
+    """
+    client = _client(params)
+    name = params.register.model_name
+    with promotion_lock():
+        current = _alias_version(client, name, CHAMPION)
+        if current is None:
+            raise StageError(f"{name} has no champion to roll back")
+        history = _history(client, name)
+        while history and history[-1] == current:
+            history.pop()
+        if not history:
+            raise StageError(f"{name} has no previous champion before version {current}: nothing to roll back to")
+        previous = history[-1]
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        # The history now ends at the restored champion; the rolled-back version is tagged instead.
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_LENGTH:]))
+        _set_tags(client, name, current, {"promote.decision": "rolled back", "promote.rolled_back": "true",
+                                          "promote.rolled_back_to": previous,
+                                          "promote.at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        _set_tags(client, name, previous, {"promote.decision": CHAMPION, "promote.restored_from": current})
+    log.info("champion of %s rolled back from %s to %s", name, current, previous)
+    return {"champion": int(previous), "rolled_back": int(current), "history": [int(v) for v in history]}

@@ -1,0 +1,116 @@
+"""register: lineage tags, safetensors and no pickle, nothing registered on failure, champion loads in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, sample_rows
+from registry_helpers import build_upstream, sqlite_store
+
+ROWS = sample_rows(130)[120:130]  # not in tiny_data: held-out "test" rows
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    with sqlite_store(tmp_path_factory.mktemp("mlflow")) as root:
+        yield root
+
+
+def _params(tiny_overrides, name):
+    from tasks.config import load_params
+
+    return load_params(ROOT / "params.yaml", tiny_overrides + [f"register.model_name={name}"])
+
+
+def test_register_records_lineage_and_safetensors_only(store, tiny_overrides, tiny_model_dir, tiny_data):
+    import mlflow
+
+    from tasks import register
+    from tasks.io import file_sha256
+
+    params = _params(tiny_overrides, "reg-lineage")
+    build_upstream(params, tiny_model_dir, ROWS, [30.0 + i for i in range(len(ROWS))])
+    result = register.run(params, flow_run_id="flow-123")
+
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version("reg-lineage", str(result["version"]))
+    tags = mv.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert tags["data.sha256"] == file_sha256(tiny_data)
+    assert tags["code.commit"] == head and tags["code.dirty"] in {"true", "false"}
+    assert tags["params.sha256"] == params.digest()
+    assert tags["model.base"] == "scratch"
+    assert tags["validate.success"] == "true"
+    assert tags["prefect.flow_run_id"] == "flow-123"
+    assert tags["split.test_sha256"] == file_sha256(params.paths.stage_dir("split") / "test.jsonl")
+    assert float(tags["evaluate.rouge-l"]) == pytest.approx(34.5)
+    assert client.get_run(mv.run_id).data.metrics["evaluate.rouge-l"] == pytest.approx(34.5)
+    # Per-row scores for promotion are stored in the run, keyed by the test split hash.
+    assert register.load_row_scores(mv.run_id, tags["split.test_sha256"])[ROWS[2]["id"]] == pytest.approx(32.0)
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/reg-lineage/{mv.version}"))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert not [p for p in files if p.suffix in {".pkl", ".pickle", ".bin", ".pt"}], files
+    mlmodel = (local / "MLmodel").read_text()
+    assert "mlflow.pyfunc.loaders.code_model" in mlmodel and "python_model.pkl" not in mlmodel  # models from code
+    settings = json.loads(next(p for p in files if p.name == "sftflow.json").read_text(encoding="utf-8"))
+    assert settings["prompt_template"] == params.data.prompt_template and settings["max_new_tokens"] == 8
+
+    text = register.lineage(params, mv.version)
+    for needle in (tags["data.sha256"], head, params.digest(), "rouge-l 34.5000", "validation success=true"):
+        assert needle in text
+
+
+def test_failed_run_registers_nothing(store, tiny_overrides, tiny_model_dir):
+    import mlflow
+
+    from tasks import register
+    from tasks.errors import StageError
+
+    params = _params(tiny_overrides, "reg-failed")
+    build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
+    params.paths.metrics_file("evaluate").unlink()  # evaluate failed: no metrics
+    with pytest.raises(StageError, match="evaluate.json does not exist"):
+        register.run(params)
+    assert mlflow.MlflowClient().search_model_versions("name='reg-failed'") == []
+
+
+def test_champion_loads_in_fresh_process_and_matches_evaluate(store, tiny_overrides, tiny_model_dir):
+    from tasks import promote, register
+    from tasks.generation import generate
+    from tasks.modeling import load_model_and_tokenizer
+
+    params = _params(tiny_overrides, "reg-serve")
+    build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
+    version = register.run(params)["version"]
+    assert promote.run(params)["champion"] == version  # the first version becomes champion
+
+    texts = [r["text"] for r in ROWS[:4]]
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    expected = generate(model, tokenizer, texts, prompt_template=params.data.prompt_template,
+                        use_chat_template=params.data.use_chat_template, max_new_tokens=params.evaluate.max_new_tokens,
+                        batch_size=params.evaluate.batch_size, max_source_length=params.train.max_source_length)
+    code = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "m = mlflow.pyfunc.load_model('models:/reg-serve@champion')\n"
+        "texts = json.loads(sys.stdin.read())\n"
+        "print('RESULT' + json.dumps(list(m.predict(pd.DataFrame({'text': texts}))), ensure_ascii=False))\n"
+        "inner = m.unwrap_python_model()\n"
+        "print('ATTRS' + json.dumps([type(inner.model).__name__, inner.settings['language']]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(texts), capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    got = json.loads(next(x for x in lines if x.startswith("RESULT"))[len("RESULT"):])
+    attrs = json.loads(next(x for x in lines if x.startswith("ATTRS"))[len("ATTRS"):])
+    assert got == expected and len(got) == len(texts)
+    assert attrs == ["Qwen2ForCausalLM", "zh"]
