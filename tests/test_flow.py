@@ -1,0 +1,235 @@
+"""The `retrain` flow: small tasks through `.fn()`, and real flow runs under one `prefect_test_harness`
+on a copy of the project (tiny data, tiny model, its own DVC cache/remote and sqlite MLflow store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import load_params
+from tasks.errors import StageError
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC_STAGES = ["validate", "split", "select", "pretrain", "train", "evaluate", "quantize"]
+
+
+# ------------------------------------------------------------------------------- units (.fn())
+
+
+def test_stream_command_passes_lines_and_throttles_progress(tmp_path):
+    from flows.retrain import stream_command
+
+    script = (
+        "import sys\n"
+        "print('first line')\n"
+        "for i in range(200):\n"
+        "    sys.stderr.write(f'\\rprogress {i}')\n"
+        "sys.stderr.write('\\n')\n"
+        "print('last line')\n"
+        "sys.exit(3)\n"
+    )
+    seen: list[str] = []
+    rc, tail = stream_command([sys.executable, "-c", script], cwd=tmp_path, emit=seen.append)
+    assert rc == 3
+    assert seen[0] == "first line" and seen[-1] == "last line"
+    progress = [s for s in seen if s.startswith("progress")]
+    # 200 redraws in well under PROGRESS_LOG_SECONDS: the first, and the last kept when the line ends.
+    assert progress[0] == "progress 0" and progress[-1] == "progress 199"
+    assert len(progress) <= 3
+    assert tail[-1] == "last line"
+
+
+def test_write_overrides_keeps_comments_and_rejects_unknown_keys(tmp_path):
+    from flows.retrain import write_overrides
+    from tasks.config import ParamsError
+
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params_file)
+    before = params_file.read_text(encoding="utf-8")
+    with pytest.raises(ParamsError, match="no_such_key"):
+        write_overrides(params_file, ["evaluate.no_such_key=1"])
+    assert params_file.read_text(encoding="utf-8") == before  # a bad override leaves the file alone
+
+    params = write_overrides(params_file, ["evaluate.rows=7", "train.lora.r=4"])
+    text = params_file.read_text(encoding="utf-8")
+    assert params.evaluate.rows == 7 and params.train.lora.r == 4
+    assert load_params(params_file).evaluate.rows == 7  # what the DVC stages will read
+    assert "# 0 = every test row" in text  # comments survive, as with `dvc exp run -S`
+
+
+def test_metrics_table_reads_the_stage_files(tmp_path):
+    from flows.retrain import metrics_table
+
+    params = load_params(ROOT / "params.yaml", [f"paths.metrics={tmp_path}"])
+    (tmp_path / "evaluate.json").write_text(json.dumps({"rouge-l": 31.256, "base.rouge-l": 5.0, "baseline.rouge-l": 12.5, "baseline.k": 20}))
+    (tmp_path / "quantize.json").write_text(json.dumps({"int8.rouge-l": 30.9}))
+    table = metrics_table(params)
+    lines = table.splitlines()
+    assert lines[0] == "| model | rouge-1 | rouge-2 | rouge-l | bleu-4 |"
+    assert "| fine-tuned model | – | – | 31.26 | – |" in lines
+    assert "| base model | – | – | 5.00 | – |" in lines
+    assert "| lead-k baseline (k=20) | – | – | 12.50 | – |" in lines
+    assert "| quantized int8 | – | – | 30.90 | – |" in lines
+
+
+# ------------------------------------------------------------------------ the flow, end to end
+
+
+def _tiny_overrides(data_rel: str) -> list[str]:
+    """conftest's tiny_overrides, but with paths left relative: dvc.yaml's outs live in the project."""
+    return [
+        f"data.path={data_rel}",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "model.num_kv_heads=1",
+        "model.intermediate_size=64",
+        "pretrain.max_steps=4",
+        "pretrain.batch_size=8",
+        "pretrain.block_size=64",
+        "train.max_steps=4",
+        "train.batch_size=8",
+        "train.save_steps=2",
+        "train.eval_steps=2",
+        "train.logging_steps=1",
+        "train.deepspeed_config=null",
+        "train.torch_threads=1",
+        "evaluate.max_new_tokens=8",
+        "evaluate.bootstrap_samples=50",
+        "promote.bootstrap_samples=50",
+    ]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A git+DVC copy of the project (tracked and new files) with tiny data and params, MLflow in tmp."""
+    from conftest import sample_rows
+    from flows.retrain import write_overrides
+
+    dest = tmp_path_factory.mktemp("project")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    data = dest / "data" / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows(120)), encoding="utf-8")
+    write_overrides(dest / "params.yaml", _tiny_overrides("data/tiny.jsonl"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{dest / 'mlflow.db'}")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield dest
+
+
+@pytest.fixture(scope="module")
+def harness(project):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.type.value for r in runs}
+
+
+def _versions(name: str = "sftflow-summarizer") -> list[int]:
+    from mlflow import MlflowClient
+
+    return sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'"))
+
+
+def _champion(name: str = "sftflow-summarizer") -> int:
+    from mlflow import MlflowClient
+
+    return int(MlflowClient().get_model_version_by_alias(name, "champion").version)
+
+
+def _run_flow(project: Path, **kwargs):
+    from flows.retrain import retrain
+
+    cwd = Path.cwd()
+    os.chdir(project)  # mlflow's default store and relative paths resolve against the cwd
+    try:
+        return retrain(params_path=str(project / "params.yaml"), **kwargs)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.slow
+def test_flow_cold_run_registers_and_promotes(project, harness):
+    import mlflow
+
+    result = _run_flow(project)
+    assert result["status"] == "registered"
+    assert [s["stage"] for s in result["stages"]] == DVC_STAGES
+    assert all(s["ran"] for s in result["stages"])
+    states = _task_states(result["flow_run_id"])
+    for name in [*DVC_STAGES, "check-trigger", "push", "log-to-mlflow", "register", "promote"]:
+        assert states.get(name) == "COMPLETED", (name, states)
+    assert _versions() == [1] and _champion() == 1
+    run = mlflow.MlflowClient().get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert "evaluate.rouge-l" in run.data.metrics
+    assert run.data.tags["sftflow.outcome"] == "registered"
+    assert "| fine-tuned model |" in result["summary"] and "Champion" in result["summary"]
+    assert (project / "dvc.lock").exists()
+    # `dvc status` agrees: the flow ran DVC's stages, so DVC alone sees nothing stale.
+    dvc = Path(sys.executable).parent / "dvc"
+    status = subprocess.run([str(dvc), "status"], cwd=project, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_flow_rerun_unchanged_says_nothing_changed(project, harness):
+    result = _run_flow(project)
+    assert result["status"] == "nothing changed"
+    assert "match champion v1" in result["reason"]
+    assert set(_task_states(result["flow_run_id"])) == {"check-trigger"}  # no DVC stage, no register
+    assert _versions() == [1]
+
+
+@pytest.mark.slow
+def test_flow_evaluate_change_reruns_evaluate_onwards(project, harness):
+    result = _run_flow(project, overrides=["evaluate.max_new_tokens=6"], force=False)
+    ran = {s["stage"]: s["ran"] for s in result["stages"]}
+    assert ran == {"validate": False, "split": False, "select": False, "pretrain": False, "train": False,
+                   "evaluate": True, "quantize": True}, ran
+    # The registered model carries the generation settings and the new scores: a new version.
+    assert result["status"] == "registered"
+    assert _versions() == [1, 2]
+    assert result["promotion"]["version"] == 2
+
+
+@pytest.mark.slow
+def test_flow_failing_stage_registers_nothing(project, harness):
+    import mlflow
+
+    (project / "data" / "tiny.jsonl").write_text('{"id": "1", "text": "broken\n', encoding="utf-8")
+    before, champion = _versions(), _champion()
+    with pytest.raises(StageError, match="stage `validate` failed"):
+        _run_flow(project)
+    assert _versions() == before and _champion() == champion
+    assert (project / "artifacts" / "train" / "model").is_dir()  # earlier outputs are kept
+    runs = mlflow.search_runs(experiment_names=["sftflow"], filter_string="tags.`sftflow.outcome` = 'failed'")
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FAILED"
