@@ -306,6 +306,7 @@ def canonical_frame(raw: RawTable, data: DataConfig, cfg: ValidateConfig, mode: 
                 list(frame.columns),
             )
         ids = [loc.replace(" ", "-") for loc in raw.locations]
+    # pandas 3 stores missing strings as NaN: every check below tests `isinstance(t, str)`.
     out = pd.DataFrame(
         {
             "row": range(len(frame)),
@@ -315,11 +316,11 @@ def canonical_frame(raw: RawTable, data: DataConfig, cfg: ValidateConfig, mode: 
             "summary": clean(summaries),
         }
     )
-    out["text_len"] = out["text"].map(lambda t: len(t) if t else None).astype("Float64")
-    out["summary_len"] = out["summary"].map(lambda t: len(t) if t else None).astype("Float64")
+    out["text_len"] = out["text"].map(lambda t: len(t) if isinstance(t, str) else None).astype("Float64")
+    out["summary_len"] = out["summary"].map(lambda t: len(t) if isinstance(t, str) else None).astype("Float64")
     # A repeat is a row whose normalised text an earlier row already has: the first one is kept.
     out["is_repeat"] = out["text"].notna() & out["text"].duplicated(keep="first")
-    out["in_language"] = out["text"].map(lambda t: bool(t) and in_language(t, data.language, cfg))
+    out["in_language"] = out["text"].map(lambda t: isinstance(t, str) and in_language(t, data.language, cfg))
     # Ids key rows downstream (splits, per-row scores): two kept rows must not share one.
     kept = ~out["is_repeat"]
     out["id_clash"] = out["id"].isna() | (kept & out["id"].where(kept).duplicated(keep=False) & out["id"].notna())
