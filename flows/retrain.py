@@ -76,9 +76,11 @@ SUMMARY_ARTIFACT_KEY = "retrain-summary"
 
 def _logger() -> Any:
     """Prefect's run logger inside a flow/task, the module logger outside (e.g. in `.fn()` tests)."""
+    from prefect.exceptions import MissingContextError
+
     try:
         return get_run_logger()
-    except Exception:  # MissingContextError outside a run
+    except MissingContextError:
         import logging
 
         return logging.getLogger(__name__)
@@ -402,7 +404,8 @@ def push(root: str) -> None:
     log = _logger()
     rc, tail = stream_command([_tool("dvc"), "push"], cwd=Path(root), emit=lambda line: log.info("%s", line), env=_subprocess_env())
     if rc != 0:
-        raise StageError("dvc push failed (exit code %d); local results are kept. Its last output:\n%s" % (rc, "\n".join(tail[-10:])))
+        excerpt = "\n".join(tail[-10:])
+        raise StageError(f"dvc push failed (exit code {rc}); local results are kept. Its last output:\n{excerpt}")
 
 
 # ----------------------------------------------------------------------------------- the summary
@@ -554,7 +557,7 @@ def _finish(result: dict[str, Any], params: Params, started: float) -> dict[str,
     result["summary"] = markdown
     try:
         create_markdown_artifact(markdown=markdown, key=SUMMARY_ARTIFACT_KEY, description=f"retrain: {result['status']}")
-    except Exception as e:  # the report is a convenience; a failing artifact API must not hide the run's outcome
+    except Exception as e:  # noqa: BLE001 - the report is a convenience; its failure must not hide the run's outcome
         _logger().warning("could not publish the Prefect artifact: %s", e)
     _logger().info("retrain %s in %.1f s%s", result["status"], result["seconds"], f" ({result['reason']})" if result.get("reason") else "")
     return result
@@ -578,7 +581,7 @@ def next_steps(params: Params) -> str:
             mlflow_line,
             prefect_line,
             f"  The app:     sftflow serve   (http://{params.serve.host}:{params.serve.port}, serves models:/{params.register.model_name}@champion)",
-            f"  Lineage:     sftflow lineage champion",
+            "  Lineage:     sftflow lineage champion",
         ]
     )
 

@@ -57,7 +57,14 @@ def make_parser() -> argparse.ArgumentParser:
     for stage, text in STAGE_HELP.items():
         _add_params_args(sub.add_parser(stage, help=text, description=text))
 
-    p = sub.add_parser("run", help="run the whole retrain flow (Prefect)", description="run the whole retrain flow (Prefect)")
+    p = sub.add_parser(
+        "run",
+        help="run the whole retrain flow (Prefect)",
+        description="run the whole retrain flow (Prefect). DVC stages read params.yaml, so -S overrides are "
+        "validated and then written into params.yaml (comments kept), as `dvc exp run -S` does; they stay there. "
+        "The run stops early with 'nothing changed' when the champion was trained on the same data and params "
+        "(--force skips that check); DVC skips every stage that is up to date.",
+    )
     _add_params_args(p)
     p.add_argument("--force", action="store_true", help="retrain even when the data hash matches the champion's")
 
