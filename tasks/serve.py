@@ -1,0 +1,456 @@
+"""`sftflow serve`: a Gradio app for the registry's champion, hot-reloaded when the alias moves.
+
+The app loads `models:/<register.model_name>@champion` (the variant `serve:` names for this device),
+streams summaries in the page, and exposes `/summarize` (text in, summary out, the same greedy result
+as the pyfunc's `predict`) to `gradio_client`. A background thread polls the alias every
+`serve.poll_seconds`; when it moves, the new version is loaded first and then swapped in under a lock,
+so a request holds the version it started with until it finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.config import Params, env_flag
+from tasks.errors import StageError
+from tasks.prompt import build_prompt, encode_example
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+AUTH_ENV = "SFTFLOW_APP_AUTH"
+SHARE_ENV = "SFTFLOW_SHARE"
+EXAMPLE_ROWS = 5
+# Run metrics shown in the info panel; the flow run also holds training curves nobody needs here.
+METRIC_PREFIXES = ("evaluate.", "quantize.")
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """One loaded model version: what answers requests, and what the info panel says about it."""
+
+    version: str
+    variant: str
+    uri: str
+    pyfunc: Any
+    model: Any
+    tokenizer: Any
+    settings: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    note: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        """JSON-safe description: version, variant, URI, metrics, lineage tags and any note."""
+        return {
+            "version": self.version,
+            "variant": self.variant,
+            "uri": self.uri,
+            "device": str(self.model.device),
+            "metrics": dict(self.metrics),
+            "tags": dict(self.tags),
+            "note": self.note,
+        }
+
+
+def current_device() -> str:
+    """`cuda` when a GPU is visible, else `cpu`: it picks `serve.variant_gpu` or `serve.variant_cpu`."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_variant(params: Params, model_version: Any, device: str) -> tuple[str, str, str | None]:
+    """Which variant of a version to serve on `device`, its model URI, and a note when it is missing.
+
+    A quantized variant lives in its own registered model; the full-precision version points at it
+    with the tag `sftflow.variant.<method>`. `full` and `bf16` are the version itself (bf16 is cast
+    after loading). When the tag is missing, full precision is served and the note says so.
+
+    Returns:
+        (variant served, `models:/` URI to load, note or None).
+    """
+    from tasks.register import variant_uri_tag
+
+    version = str(model_version.version)
+    wanted = params.serve.variant_gpu if device == "cuda" else params.serve.variant_cpu
+    own_uri = f"models:/{params.register.model_name}/{version}"
+    if wanted in {"full", "bf16"}:
+        return wanted, own_uri, None
+    tag = variant_uri_tag(wanted)
+    uri = (model_version.tags or {}).get(tag)
+    if uri:
+        return wanted, uri, None
+    note = (
+        f"variant {wanted} was asked for (serve.variant_{'gpu' if device == 'cuda' else 'cpu'}) but version "
+        f"{version} has no tag {tag}: serving full precision. Run quantize and register to add the variant."
+    )
+    return "full", own_uri, note
+
+
+def load_version(params: Params, client: Any, model_version: Any, device: str | None = None) -> ServedVersion:
+    """Load a registered version in the variant `serve:` asks for on this device.
+
+    When the variant is not registered, full precision is served and the returned `note` (shown in
+    the app) and the log say so.
+
+    Args:
+        params: the resolved params (`register.model_name`, `serve.variant_cpu/gpu`).
+        client: an `MlflowClient` on the tracking store.
+        model_version: the `ModelVersion` to load (of `register.model_name`).
+        device: `cpu` or `cuda`; default: what `current_device` finds.
+
+    Returns:
+        The loaded version.
+
+    Raises:
+        StageError: the model cannot be loaded from the registry.
+    """
+    import mlflow
+
+    device = device or current_device()
+    variant, uri, note = resolve_variant(params, model_version, device)
+    if note:
+        log.warning(note)
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+        python_model = loaded.unwrap_python_model()
+    except Exception as e:  # MLflow raises several types (MlflowException, OSError, ImportError)
+        raise StageError(f"cannot load {uri} from the MLflow registry: {e}") from e
+    model, tokenizer = python_model.model, python_model.tokenizer
+    if device == "cuda" and model.device.type != "cuda":
+        import torch
+
+        model.to(device="cuda", dtype=torch.bfloat16 if variant == "bf16" else None)
+    tags = dict(model_version.tags or {})
+    metrics = {k: float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIXES) and _is_number(v)}
+    metrics.update(_run_metrics(client, model_version.run_id))
+    return ServedVersion(
+        version=str(model_version.version),
+        variant=variant,
+        uri=uri,
+        pyfunc=loaded,
+        model=model,
+        tokenizer=tokenizer,
+        settings=dict(python_model.settings),
+        metrics=dict(sorted(metrics.items())),
+        tags={k: v for k, v in sorted(tags.items()) if not k.startswith(METRIC_PREFIXES)},
+        note=note,
+    )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _run_metrics(client: Any, run_id: str | None) -> dict[str, float]:
+    """The evaluate/quantize metrics of the run that logged the version ({} when it is gone)."""
+    if not run_id:
+        return {}
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:  # the panel is informative only; a deleted run must not stop serving
+        log.warning("cannot read the metrics of run %s: %s", run_id, e)
+        return {}
+    return {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(METRIC_PREFIXES)}
+
+
+class ChampionServer:
+    """Holds the champion in memory and swaps it atomically when the registry alias moves.
+
+    Args:
+        params: the resolved params.
+        client: an `MlflowClient`; default: one on the URI `tasks.tracking.setup_mlflow` sets.
+    """
+
+    def __init__(self, params: Params, client: Any = None) -> None:
+        if client is None:
+            from mlflow import MlflowClient
+
+            from tasks.tracking import setup_mlflow
+
+            setup_mlflow(params)
+            client = MlflowClient()
+        self.params = params
+        self.client = client
+        self._lock = threading.Lock()
+        self._current: ServedVersion | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> ServedVersion:
+        """The version serving now (load it first with `refresh` or `start`)."""
+        with self._lock:
+            if self._current is None:
+                raise StageError("no model loaded yet: call ChampionServer.refresh() or start() first")
+            return self._current
+
+    def champion_version(self) -> Any:
+        """The `ModelVersion` the alias points at now."""
+        name = self.params.register.model_name
+        try:
+            return self.client.get_model_version_by_alias(name, CHAMPION)
+        except Exception as e:
+            raise StageError(
+                f"registered model {name!r} has no alias {CHAMPION!r} in the MLflow store "
+                f"(MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI', '(unset: the default store)')}): "
+                f"run `sftflow register` and `sftflow promote` first ({e})"
+            ) from e
+
+    def refresh(self) -> bool:
+        """Load the champion if it changed since the last look; return True when it was swapped in."""
+        target = self.champion_version()
+        with self._lock:
+            serving = self._current.version if self._current else None
+        if serving == str(target.version):
+            return False
+        new = load_version(self.params, self.client, target)  # outside the lock: requests go on meanwhile
+        with self._lock:
+            self._current = new
+        log.info("serving %s version %s (%s, %s)", self.params.register.model_name, new.version, new.variant, new.uri)
+        return True
+
+    def start(self) -> None:
+        """Load the champion now and poll the alias every `serve.poll_seconds` in a daemon thread."""
+        self.refresh()
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._poll, name="champion-poll", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling (the loaded model stays until the object goes)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.params.serve.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # a registry hiccup or a broken new version must not take the app down
+                with self._lock:
+                    serving = self._current.version if self._current else None
+                log.exception("checking the champion alias failed; still serving version %s", serving)
+
+
+def check_text(text: Any, max_chars: int) -> str:
+    """Return the text if the app can summarise it; raise `gr.Error` with the reason otherwise."""
+    import gradio as gr
+
+    if not isinstance(text, str):
+        raise gr.Error(f"the input must be text (a string), got {type(text).__name__}")
+    if not text.strip():
+        raise gr.Error("the input is empty: paste the text to summarise")
+    if len(text) > max_chars:
+        raise gr.Error(f"the input has {len(text)} characters; the limit is {max_chars} (serve.max_chars): shorten it")
+    return text
+
+
+def summarize(served: ServedVersion, text: str) -> str:
+    """The final summary of one text, exactly as the pyfunc's `predict` gives it."""
+    import pandas as pd
+
+    result = served.pyfunc.predict(pd.DataFrame({"text": [text]}))
+    return str(list(result)[0])
+
+
+def prompt_ids(tokenizer: Any, text: str, settings: dict[str, Any]) -> list[int]:
+    """The prompt tokens `tasks.generation.generate` feeds the model for this text and these settings."""
+    use_chat = bool(settings["use_chat_template"])
+    max_source_length = settings.get("max_source_length")
+    if max_source_length:
+        f = encode_example(tokenizer, text, "", settings["prompt_template"], use_chat, int(max_source_length), 1)
+        return [i for i, label in zip(f["input_ids"], f["labels"]) if label == -100]
+    prompt = build_prompt(text, settings["prompt_template"], tokenizer, use_chat)
+    # A chat template already spells out its special tokens (as in generate()).
+    add_special = not (use_chat and getattr(tokenizer, "chat_template", None))
+    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+
+
+def stream_summary(served: ServedVersion, text: str, max_new_tokens: int) -> Iterator[str]:
+    """Yield the summary as it grows (greedy, the same tokens `tasks.generation.generate` picks)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from tasks.generation import _greedy_config
+
+    model, tokenizer = served.model, served.tokenizer
+    ids = torch.tensor([prompt_ids(tokenizer, text, served.settings)], dtype=torch.long, device=model.device)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    config = _greedy_config(model, tokenizer, int(max_new_tokens))
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**enc, generation_config=config, streamer=streamer)
+        except BaseException as e:  # handed to the request thread below; end() unblocks its loop
+            failure.append(e)
+            streamer.end()
+
+    worker = threading.Thread(target=work, name="generate-stream", daemon=True)
+    worker.start()
+    text_so_far = ""
+    shown = None
+    for piece in streamer:
+        text_so_far += piece
+        if text_so_far.strip() != shown:  # the streamer emits "" while it holds back a partial word
+            shown = text_so_far.strip()
+            yield shown
+    worker.join()
+    if failure:
+        raise StageError(f"generation failed: {failure[0]}") from failure[0]
+    if shown is None:  # the first new token was eos: say so with an empty summary, as predict does
+        yield ""
+
+
+def info_markdown(served: ServedVersion, model_name: str) -> str:
+    """The info panel: serving version, variant, metrics and lineage tags."""
+    info = served.info()
+    lines = [f"### Serving `{model_name}` version {info['version']} (`@{CHAMPION}`)"]
+    if info["note"]:
+        lines.append(f"> **Note:** {info['note']}")
+    lines += ["", f"- variant: `{info['variant']}` on `{info['device']}`", f"- model URI: `{info['uri']}`"]
+    lines += ["", "**Metrics**", ""]
+    lines += [f"- `{k}`: {v:.4g}" for k, v in info["metrics"].items()] or ["- (none logged)"]
+    lines += ["", "**Lineage**", ""]
+    lines += [f"- `{k}`: `{v}`" for k, v in sorted(info["tags"].items())] or ["- (no tags)"]
+    return "\n".join(lines)
+
+
+def example_texts(params: Params, n: int = EXAMPLE_ROWS) -> list[str]:
+    """The first `n` texts of the test split, when the split stage has run ([] otherwise)."""
+    from tasks.io import iter_jsonl
+
+    path = params.paths.stage_dir("split") / "test.jsonl"
+    if not path.exists():
+        return []
+    texts = []
+    for row in iter_jsonl(path):
+        texts.append(row["text"])
+        if len(texts) == n:
+            break
+    return texts
+
+
+def build_app(params: Params, server: ChampionServer | None = None) -> Any:
+    """Build the Gradio Blocks app (not launched).
+
+    Args:
+        params: the resolved params (`serve:`, `register.model_name`, `paths`).
+        server: the champion holder; default: a new one, started (loaded and polling).
+
+    Returns:
+        The `gr.Blocks`, its queue set to `serve.concurrency_limit` requests at a time.
+
+    Raises:
+        StageError: there is no champion to serve (from `ChampionServer.start`).
+    """
+    import gradio as gr
+
+    if server is None:
+        server = ChampionServer(params)
+        server.start()
+    cfg = params.serve
+    model_name = params.register.model_name
+    first = server.current
+    default_new_tokens = int(first.settings.get("max_new_tokens", 64))
+
+    def ui_summarize(text: Any, max_new_tokens: float) -> Iterator[str]:
+        check_text(text, cfg.max_chars)
+        served = server.current  # this request keeps this version even if the alias moves meanwhile
+        yield from stream_summary(served, text, int(max_new_tokens))
+
+    def api_summarize(text: str) -> str:
+        """Summarise one text with the champion (greedy, same as the MLflow pyfunc's predict)."""
+        check_text(text, cfg.max_chars)
+        return summarize(server.current, text)
+
+    def api_model_info() -> dict:
+        """The serving version: number, variant, URI, metrics and lineage tags."""
+        return server.current.info()
+
+    with gr.Blocks(title="sftflow summarizer") as demo:
+        gr.Markdown("# sftflow summarizer\nPaste a text; the registry's champion writes its summary.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                text_box = gr.Textbox(label="Text", lines=8, placeholder="Text to summarise", elem_id="input-text")
+                with gr.Accordion("Generation settings", open=False):
+                    new_tokens = gr.Slider(
+                        1, max(512, default_new_tokens), value=default_new_tokens, step=1, label="Max new tokens"
+                    )
+                button = gr.Button("Summarize", variant="primary", elem_id="summarize-button")
+                summary_box = gr.Textbox(label="Summary", lines=3, interactive=False, elem_id="summary")
+                texts = example_texts(params)
+                if texts:
+                    gr.Examples([[t] for t in texts], inputs=[text_box], label="Examples from the test split")
+            with gr.Column(scale=2):
+                info_panel = gr.Markdown(info_markdown(first, model_name), elem_id="model-info")
+        for trigger in (button.click, text_box.submit):
+            trigger(ui_summarize, [text_box, new_tokens], summary_box, api_visibility="private")
+        gr.api(api_summarize, api_name="summarize")
+        gr.api(api_model_info, api_name="model_info", concurrency_limit=None)
+        # The panel follows the alias: the page re-reads it as often as the server polls.
+        timer = gr.Timer(cfg.poll_seconds)
+        timer.tick(
+            lambda: info_markdown(server.current, model_name),
+            None,
+            info_panel,
+            api_visibility="private",
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
+    demo.queue(default_concurrency_limit=cfg.concurrency_limit)
+    return demo
+
+
+def auth_from_env() -> tuple[str, str] | None:
+    """Basic-auth credentials from `SFTFLOW_APP_AUTH=user:password`, or None when unset."""
+    raw = os.environ.get(AUTH_ENV, "")
+    if not raw:
+        return None
+    user, sep, password = raw.partition(":")
+    if not sep or not user or not password:
+        raise StageError(f"{AUTH_ENV} must look like user:password (both non-empty); unset it to serve without auth")
+    return user, password
+
+
+def run(params: Params, host: str | None = None, port: int | None = None) -> None:
+    """Serve the champion until interrupted.
+
+    Args:
+        params: the resolved params.
+        host: bind address; default `serve.host` (127.0.0.1: only this machine).
+        port: port; default `serve.port`.
+
+    Raises:
+        StageError: no champion, a model that cannot load, or a malformed `SFTFLOW_APP_AUTH`.
+    """
+    auth = auth_from_env()
+    share = env_flag(SHARE_ENV)
+    server = ChampionServer(params)
+    server.start()
+    try:
+        demo = build_app(params, server)
+        host = host or params.serve.host
+        port = port or params.serve.port
+        log.info(
+            "serving on http://%s:%d (auth %s, public share link %s)",
+            host, port, "on" if auth else "off", "on" if share else "off",
+        )
+        demo.launch(server_name=host, server_port=port, auth=auth, share=share, show_error=True)
+    finally:
+        server.stop()
