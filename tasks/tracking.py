@@ -34,6 +34,8 @@ ARTIFACTS_DIR = "mlartifacts"
 ARTIFACT_SUFFIXES = {".json", ".html", ".md", ".csv", ".png", ".svg", ".txt", ".yaml"}
 STAGE_EXTRA_SUFFIXES = {"evaluate": {".jsonl"}}  # the test predictions
 MAX_ARTIFACT_BYTES = 5 << 20
+# The loss curve's step series; metrics/train.json's final `train_loss` keeps the plain `train.` name.
+LOSS_SERIES_PREFIX = "train.curve."
 
 
 def tracking_uri() -> str:
@@ -147,7 +149,7 @@ def log_params(params: Params, run_id: str | None = None) -> int:
 
 
 def log_loss_series(params: Params, run_id: str | None = None) -> int:
-    """Log `plots/train/loss.csv` as step series `train.<column>` (train_loss, val_loss...).
+    """Log `plots/train/loss.csv` as step series `train.curve.<column>` (train_loss, val_loss...).
 
     Returns:
         The number of points logged (0 when the file does not exist).
@@ -179,7 +181,7 @@ def log_loss_series(params: Params, run_id: str | None = None) -> int:
                 except ValueError as e:
                     raise StageError(f"{path}:{lineno}: {column}={raw!r} is not a number") from e
                 if math.isfinite(value):
-                    points.append(Metric(f"train.{column}", value, now, step))
+                    points.append(Metric(f"{LOSS_SERIES_PREFIX}{column}", value, now, step))
     client = mlflow.MlflowClient()
     for i in range(0, len(points), 1000):
         client.log_batch(run_id, metrics=points[i : i + 1000])

@@ -1,0 +1,167 @@
+"""promote: the gate (better / worse / within noise / below min_delta), forced promotion, rollback,
+racing promotions, and re-scoring a champion whose cached scores are for another test split."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import ROOT, sample_rows
+from registry_helpers import build_upstream, sqlite_store
+
+ROWS = sample_rows(130)[120:130]
+BASE = [30.0 + (i % 3) for i in range(len(ROWS))]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    with sqlite_store(tmp_path_factory.mktemp("mlflow")) as root:
+        yield root
+
+
+def _params(tiny_overrides, name, *extra):
+    from tasks.config import load_params
+
+    return load_params(ROOT / "params.yaml", tiny_overrides + [f"register.model_name={name}", *extra])
+
+
+def _register(params, model_dir, scores, rows=ROWS) -> int:
+    from tasks import register
+
+    build_upstream(params, model_dir, rows, scores)
+    return register.run(params)["version"]
+
+
+def _aliases(name):
+    import mlflow
+
+    return {a: int(v) for a, v in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def _tags(name, version):
+    import mlflow
+
+    return mlflow.MlflowClient().get_model_version(name, str(version)).tags
+
+
+def test_gate_promotes_only_a_significantly_better_model(store, tiny_overrides, tiny_model_dir):
+    from tasks import promote
+
+    params = _params(tiny_overrides, "gate")
+    v1 = _register(params, tiny_model_dir, BASE)
+    first = promote.run(params)
+    assert first["decision"] == "champion" and first["reason"] == "no champion yet"
+
+    v2 = _register(params, tiny_model_dir, [s + 8 + (i % 2) for i, s in enumerate(BASE)])
+    better = promote.run(params)
+    assert better["decision"] == "champion" and better["previous_champion"] == v1
+    assert better["delta"] == pytest.approx(8.5) and better["low"] > 0
+    assert _aliases("gate") == {"champion": v2, "challenger": v2}
+    assert _tags("gate", v2)["promote.decision"] == "champion"
+    assert _tags("gate", v1)["promote.decision"] == "replaced"
+
+    v3 = _register(params, tiny_model_dir, [s + 3 for s in BASE])  # worse than v2
+    worse = promote.run(params)
+    assert worse["decision"] == "challenger" and worse["delta"] == pytest.approx(3 - 8.5)
+    assert _aliases("gate") == {"champion": v2, "challenger": v3}
+    assert _tags("gate", v3)["promote.decision"] == "challenger"
+    assert _tags("gate", v2)["promote.decision"] == "defended" and _tags("gate", v2)["promote.last_challenger"] == str(v3)
+
+    # Mean gain +1 but rows swing by ±10: the bootstrap's lower bound is below 0 -> noise.
+    v4 = _register(params, tiny_model_dir, [s + 8.5 + (11 if i % 2 else -9) for i, s in enumerate(BASE)])
+    noise = promote.run(params)
+    assert noise["delta"] == pytest.approx(1.0) and noise["low"] < 0
+    assert noise["decision"] == "challenger" and "within noise" in noise["reason"]
+    assert _aliases("gate") == {"champion": v2, "challenger": v4}
+
+    # A consistent gain of 2 points is significant but below promote.min_delta = 3.
+    strict = _params(tiny_overrides, "gate", "promote.min_delta=3")
+    v5 = _register(strict, tiny_model_dir, [s + 10.5 for s in BASE])
+    small = promote.run(strict)
+    assert small["low"] > 0 and small["decision"] == "challenger" and "min_delta" in small["reason"]
+    assert promote.run(params)["decision"] == "champion"  # the same version passes the default min_delta 0
+    assert _aliases("gate")["champion"] == v5
+
+
+def test_forced_promotion_and_rollback(store, tiny_overrides, tiny_model_dir):
+    from tasks import promote
+    from tasks.errors import StageError
+
+    params = _params(tiny_overrides, "manual")
+    v1 = _register(params, tiny_model_dir, BASE)
+    promote.run(params)
+    v2 = _register(params, tiny_model_dir, [s - 5 for s in BASE])
+    assert promote.run(params)["decision"] == "challenger"
+
+    forced = promote.run(params, version=v2)
+    assert forced["manual"] is True and _aliases("manual")["champion"] == v2
+    assert _tags("manual", v2)["promote.manual"] == "true"
+
+    back = promote.rollback(params)
+    assert back == {"champion": v1, "rolled_back": v2, "history": [v1]}
+    assert _aliases("manual")["champion"] == v1
+    assert _tags("manual", v2)["promote.rolled_back"] == "true"
+    with pytest.raises(StageError, match="no previous champion"):
+        promote.rollback(params)
+
+
+def test_racing_promotions_leave_one_champion_as_if_serial(store, tiny_overrides, tiny_model_dir):
+    """v2 beats v1 by 10, v3 by 5: in either order the serial outcome is champion v2."""
+    from tasks import promote
+
+    params = _params(tiny_overrides, "race")
+    _register(params, tiny_model_dir, BASE)
+    promote.run(params)
+    v2 = _register(params, tiny_model_dir, [s + 10 for s in BASE])
+    v3 = _register(params, tiny_model_dir, [s + 5 for s in BASE])
+
+    barrier = threading.Barrier(2)
+    results, errors = {}, []
+
+    def contend(version):
+        try:
+            barrier.wait()
+            results[version] = promote.gate(params, version)
+        except Exception as e:  # noqa: BLE001 - collected and asserted on below
+            errors.append(e)
+
+    threads = [threading.Thread(target=contend, args=(v,)) for v in (v2, v3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert _aliases("race")["champion"] == v2
+    assert results[v2]["decision"] == "champion"
+    # v3 either lost to v2, or won against v1 first and was then replaced by v2.
+    assert results[v3]["previous_champion"] in {1, v2}
+    import json
+
+    import mlflow
+
+    history = json.loads(mlflow.MlflowClient().get_registered_model("race").tags["promote.history"])
+    assert history in (["1", str(v2)], ["1", str(v3), str(v2)])
+
+
+def test_champion_is_rescored_on_a_new_test_split(store, tiny_overrides, tiny_model_dir):
+    """The champion's cached 90s are for the old split; on the new one it scores ~0 (untrained model)."""
+    from tasks import promote, register
+
+    params = _params(tiny_overrides, "rescore")
+    v1 = _register(params, tiny_model_dir, [90.0] * len(ROWS))
+    promote.run(params)
+    new_rows = sample_rows(140)[130:140]
+    v2 = _register(params, tiny_model_dir, [40.0 + (i % 2) for i in range(len(new_rows))], rows=new_rows)
+    result = promote.run(params)
+    assert result["champion_rescored"] is True and result["challenger_rescored"] is False
+    assert result["champion_rouge-l"] < 40 and result["decision"] == "champion"
+    assert _aliases("rescore")["champion"] == v2
+    cached = register.load_row_scores(_tags_run("rescore", v1), result["test_sha256"])
+    assert sorted(cached) == sorted(r["id"] for r in new_rows)
+
+
+def _tags_run(name, version):
+    import mlflow
+
+    return mlflow.MlflowClient().get_model_version(name, str(version)).run_id
