@@ -178,3 +178,68 @@ def count_parameters(model: Any) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+# --- Training helpers shared by `pretrain` and `train` ------------------------------------------
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Sorted short names (`q_proj`, `down_proj`, ...) of the Linear layers LoRA can target."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    return sorted(names)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def loss_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged step from a Trainer's `log_history`: step, train_loss, val_loss (None if absent)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for entry in log_history:
+        step = int(entry.get("step", 0))
+        if "loss" in entry:
+            by_step.setdefault(step, {"step": step, "train_loss": None, "val_loss": None})["train_loss"] = float(entry["loss"])
+        if "eval_loss" in entry:
+            by_step.setdefault(step, {"step": step, "train_loss": None, "val_loss": None})["val_loss"] = float(entry["eval_loss"])
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def write_loss_curve(rows: list[dict[str, Any]], csv_path: Path, png_path: Path, title: str) -> None:
+    """Write the loss rows as CSV (columns step,train_loss,val_loss for `dvc plots show`) and a PNG plot."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasks.io import atomic_write_bytes, atomic_write_text
+
+    def cell(v: Any) -> str:
+        return "" if v is None else f"{v:.6g}"
+
+    lines = ["step,train_loss,val_loss"] + [f"{r['step']},{cell(r['train_loss'])},{cell(r['val_loss'])}" for r in rows]
+    atomic_write_text(Path(csv_path), "\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(r["step"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(Path(png_path), buf.getvalue())

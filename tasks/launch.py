@@ -1,0 +1,125 @@
+"""Process setup for training: the single-process distributed environment and the torchrun relaunch.
+
+`sftflow train` with `train.num_processes: N > 1` starts itself again as N ranks:
+
+    python -m torch.distributed.run --standalone --nproc_per_node N -m tasks.launch train PARAMS.yaml
+
+Each rank loads the resolved params that the parent wrote and calls the stage's `run`, which sees
+`WORLD_SIZE` in its environment and trains instead of relaunching (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tasks.config import Params, load_params, save_params
+from tasks.errors import StageError
+
+log = logging.getLogger(__name__)
+
+# Set in the ranks this module starts, so they know their parent already prepared the stage folder.
+LAUNCHED_ENV = "SFTFLOW_LAUNCHED"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_distributed_env() -> None:
+    """Give a lone process the rank variables DeepSpeed reads (it initialises torch.distributed even for one rank)."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            # A fixed port would collide with a second run (or test) on the same machine.
+            "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port())),
+        }
+    )
+
+
+def threads_per_rank(configured: int, ranks: int) -> int:
+    """Torch threads for each rank: `configured`, else an explicit OMP_NUM_THREADS, else cores / ranks."""
+    if configured:
+        return configured
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // max(1, ranks))
+
+
+def is_rank_zero() -> bool:
+    """True in the process that writes outputs (rank 0, or a process outside any launcher)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def relaunch(stage: str, params: Params, num_processes: int, threads_per_rank: int) -> None:
+    """Run `stage` as `num_processes` torchrun ranks with these params; returns when all have finished.
+
+    Args:
+        stage: the stage module under `tasks`.
+        params: the resolved params (written to a temporary file the ranks load).
+        num_processes: ranks on this machine.
+        threads_per_rank: torch intra-op threads per rank.
+
+    Raises:
+        StageError: a rank failed (its log went to this process's stderr).
+    """
+    with tempfile.TemporaryDirectory(prefix="sftflow-launch-") as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        save_params(params, params_file)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={num_processes}",
+            "-m",
+            "tasks.launch",
+            stage,
+            str(params_file),
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_rank), **{LAUNCHED_ENV: "1"})
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        log.info("launching %d ranks: %s", num_processes, " ".join(cmd))
+        result = subprocess.run(cmd, env=env, check=False)
+    if result.returncode != 0:
+        raise StageError(
+            f"`{stage}` failed in one of its {num_processes} ranks (exit code {result.returncode}); "
+            "its error is printed above"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rank entry point: `python -m tasks.launch STAGE PARAMS_FILE`."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m tasks.launch STAGE PARAMS_FILE", file=sys.stderr)
+        return 2
+    stage, params_file = args
+    logging.basicConfig(
+        level=logging.INFO if is_rank_zero() else logging.WARNING,
+        format=f"%(asctime)s rank{os.environ.get('RANK', '?')} %(levelname)s %(name)s: %(message)s",
+    )
+    params = load_params(params_file)
+    importlib.import_module(f"tasks.{stage}").run(params)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The `pretrain` stage: build (or load) the base model and pretrain it as a causal LM on the corpus.
+
+The base is `artifacts/select/choice.json`'s `base` when the select stage ran, else `model.base`:
+
+- `scratch`: a tokenizer is trained on the training split (`model.tokenizer`: char or bpe), a small
+  decoder is built from `model:` sizes, and it is pretrained on the training texts and summaries,
+  packed into `pretrain.block_size` token blocks. A random decoder is useless as a base, so a scratch
+  base with `pretrain.enabled: false` is an error rather than a silent skip.
+- a local directory or hub id: loaded as is; pretraining continues on the corpus only when
+  `pretrain.enabled` is true.
+
+Writes `artifacts/pretrain/model/` (a Hugging Face folder), `metrics/pretrain.json` and the loss log
+`plots/pretrain/loss.csv` (+ `loss.png`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from typing import Any
+
+from tasks.config import Params
+from tasks.errors import StageError
+from tasks.io import configure_threads, read_json, read_jsonl, set_seed, write_json
+from tasks.launch import threads_per_rank
+from tasks.modeling import (
+    build_scratch_model,
+    count_parameters,
+    load_model_and_tokenizer,
+    loss_rows,
+    peak_rss_mb,
+    save_model,
+    train_tokenizer,
+    write_loss_curve,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "pretrain"
+
+
+def chosen_base(params: Params) -> tuple[str, str]:
+    """The base to start from and where that choice came from (`select` or `model.base`)."""
+    choice_file = params.paths.stage_dir("select") / "choice.json"
+    if choice_file.exists():
+        choice = read_json(choice_file)
+        if not isinstance(choice, dict) or not choice.get("base"):
+            raise StageError(f"{choice_file} has no `base` key; rerun `sftflow select` or delete the file")
+        return str(choice["base"]), str(choice_file)
+    return params.model.base, "model.base"
+
+
+def split_rows(params: Params, name: str) -> list[dict[str, Any]]:
+    """Rows of one split written by the `split` stage."""
+    path = params.paths.stage_dir("split") / f"{name}.jsonl"
+    if not path.exists():
+        raise StageError(f"{path} does not exist; run `sftflow validate && sftflow split` first")
+    rows = read_jsonl(path)
+    if not rows:
+        raise StageError(f"{path} is empty; the split stage gave this split no rows")
+    return rows
+
+
+def pack_blocks(tokenizer: Any, documents: list[str], block_size: int) -> list[list[int]]:
+    """Tokenize documents, join them with eos and cut the stream into `block_size` blocks.
+
+    The tail shorter than a block is kept as a last, shorter block only when nothing else is there,
+    so a tiny validation split still yields something to score.
+    """
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(eos)
+    blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    if not blocks and len(stream) > 1:
+        blocks = [stream]
+    return blocks
+
+
+def tokenizer_stats(tokenizer: Any, texts: list[str]) -> dict[str, float]:
+    """Tokens per character and the share of unknown tokens on some texts (e.g. validation rows)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    tokens = sum(len(x) for x in ids)
+    chars = sum(len(t) for t in texts)
+    unk = tokenizer.unk_token_id
+    unknown = sum(1 for x in ids for i in x if unk is not None and i == unk)
+    return {
+        "vocab_size": len(tokenizer),
+        "tokens_per_char": round(tokens / max(1, chars), 4),
+        "unk_rate": round(unknown / max(1, tokens), 5),
+    }
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Build or load the base, pretrain it on the training split, save it as a HF folder.
+
+    Args:
+        params: all params; reads `model`, `pretrain`, `data.prompt_template` and `paths`.
+
+    Returns:
+        The metrics written to `metrics/pretrain.json`.
+
+    Raises:
+        StageError: the split is missing, the base cannot be loaded, or a scratch base would go
+            unpretrained (`pretrain.enabled: false`).
+    """
+    cfg = params.pretrain
+    base, base_source = chosen_base(params)
+    if base == "scratch" and not cfg.enabled:
+        raise StageError(
+            "pretrain.enabled is false but the base is `scratch`: a randomly initialised decoder is no base "
+            "to fine-tune. Set pretrain.enabled: true, or set model.base to a model directory or hub id"
+        )
+    train_rows = split_rows(params, "train")
+    val_rows = split_rows(params, "val")
+    threads = configure_threads(threads_per_rank(0, 1))
+    set_seed(cfg.seed)
+
+    if base == "scratch":
+        corpus = [r["text"] for r in train_rows] + [r["summary"] for r in train_rows]
+        # The template's own characters (instruction, "标题：") must be in the vocabulary, not <unk>.
+        tokenizer = train_tokenizer(corpus + [params.data.prompt_template], params.model.tokenizer, params.model.vocab_size)
+        model = build_scratch_model(params.model, tokenizer)
+    else:
+        model, tokenizer = load_model_and_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
+    _trainable, total = count_parameters(model)
+    stats = tokenizer_stats(tokenizer, [r["text"] for r in val_rows] + [r["summary"] for r in val_rows])
+    log.info("base %s (from %s): %.2fM parameters; tokenizer %s", base, base_source, total / 1e6, stats)
+
+    metrics: dict[str, Any] = {
+        "base": base,
+        "base_source": base_source,
+        "pretrained": cfg.enabled,
+        "params": total,
+        "tokenizer": params.model.tokenizer if base == "scratch" else "base",
+        **{f"tokenizer_{k}": v for k, v in stats.items()},
+        "threads": threads,
+    }
+    history: list[dict[str, Any]] = []
+    if cfg.enabled:
+        metrics.update(_pretrain(params, model, tokenizer, train_rows, val_rows, history))
+
+    out_dir = params.paths.stage_dir(STAGE) / "model"
+    tmp_dir = out_dir.with_name(".model.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    save_model(model, tokenizer, tmp_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_dir.rename(out_dir)  # readers never see half a model
+    metrics["peak_rss_mb"] = peak_rss_mb()
+    write_json(params.paths.metrics_file(STAGE), metrics)
+    if history:
+        plots = params.paths.plots_dir(STAGE)
+        write_loss_curve(loss_rows(history), plots / "loss.csv", plots / "loss.png", f"pretrain: {base}")
+    log.info("pretrain: wrote %s", out_dir)
+    return metrics
+
+
+def _pretrain(
+    params: Params,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Causal-LM training on packed blocks of texts and summaries; fills `history` with the Trainer's log."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from tasks.prompt import collate_features
+
+    cfg = params.pretrain
+    block_size = min(cfg.block_size, getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
+    docs = [r["text"] for r in train_rows] + [r["summary"] for r in train_rows]
+    train_blocks = pack_blocks(tokenizer, docs, block_size)
+    val_blocks = pack_blocks(tokenizer, [r["text"] for r in val_rows] + [r["summary"] for r in val_rows], block_size)
+    if not train_blocks:
+        raise StageError(
+            f"the training split holds fewer than {block_size} tokens; lower pretrain.block_size or add data"
+        )
+    log.info("pretrain corpus: %d blocks of %d tokens (val %d blocks)", len(train_blocks), block_size, len(val_blocks))
+
+    def features(blocks: list[list[int]]) -> list[dict[str, list[int]]]:
+        return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": b} for b in blocks]
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    work_dir = params.paths.stage_dir(STAGE) / "trainer"
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=0.01,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        eval_strategy="no",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=features(train_blocks),
+        eval_dataset=features(val_blocks) if val_blocks else None,
+        data_collator=lambda batch: collate_features(batch, pad_id),
+    )
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    out: dict[str, Any] = {}
+    if val_blocks:
+        out["val_loss"] = round(float(trainer.evaluate()["eval_loss"]), 4)
+        out["val_perplexity"] = round(math.exp(out["val_loss"]), 2)
+    history.extend(trainer.state.log_history)
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    out.update(
+        {
+            "train_loss": round(float(logged[-1]), 4) if logged else round(result.training_loss, 4),
+            "train_loss_mean": round(result.training_loss, 4),
+            "steps": trainer.state.global_step,
+            "blocks": len(train_blocks),
+            "block_size": block_size,
+            "seconds": round(seconds, 1),
+            "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1),
+        }
+    )
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return out

@@ -1,0 +1,435 @@
+"""The `train` stage: supervised fine-tuning of the pretrained base with the HF Trainer and DeepSpeed.
+
+Reads `artifacts/pretrain/model/` and the train/val splits; writes
+
+- `artifacts/train/model/`: the fine-tuned model, LoRA merged in, one standalone HF folder;
+- `artifacts/train/adapter/`: the LoRA adapter alone (method lora);
+- `artifacts/train/checkpoints/`: Trainer checkpoints every `train.save_steps`; a rerun with the same
+  params resumes from the newest complete one (a SIGKILLed run loses at most `save_steps` steps);
+- `metrics/train.json`, `plots/train/loss.csv` (step,train_loss,val_loss) and `plots/train/loss.png`.
+
+Only summary tokens (and eos) carry loss (`tasks.prompt.encode_example`). `train.num_processes > 1`
+relaunches the stage as torchrun ranks (`tasks.launch`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Params, ParamsError
+from tasks.errors import StageError
+from tasks.io import (
+    configure_threads,
+    dir_sha256,
+    file_sha256,
+    read_json,
+    read_jsonl,
+    set_seed,
+    write_json,
+)
+from tasks.launch import (
+    LAUNCHED_ENV,
+    ensure_distributed_env,
+    is_rank_zero,
+    relaunch,
+    threads_per_rank,
+)
+from tasks.modeling import (
+    count_parameters,
+    linear_module_names,
+    load_model_and_tokenizer,
+    loss_rows,
+    peak_rss_mb,
+    save_model,
+    write_loss_curve,
+)
+from tasks.prompt import collate_features, encode_example, summary_loss
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+FINGERPRINT_FILE = "fingerprint.json"
+# PEFT's own shorthand for every Linear layer but the output head.
+ALL_LINEAR = "all-linear"
+
+
+def check_params(params: Params) -> None:
+    """Fail before any model loads on params this machine cannot run; every problem named at once.
+
+    Raises:
+        ParamsError: the DeepSpeed config file does not exist or is not JSON, or more processes are
+            asked for than there are cores (CPU) or GPUs.
+    """
+    import torch
+
+    cfg = params.train
+    problems = []
+    if cfg.deepspeed_config is not None:
+        path = Path(cfg.deepspeed_config)
+        if not path.is_file():
+            problems.append(
+                f"train.deepspeed_config: {path} does not exist (from {Path.cwd()}); use one of "
+                f"configs/deepspeed/zero{{0,2,3}}.json or null for no DeepSpeed"
+            )
+        else:
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                problems.append(f"train.deepspeed_config: {path} is not valid JSON ({e})")
+    if torch.cuda.is_available():
+        if cfg.num_processes > torch.cuda.device_count():
+            problems.append(
+                f"train.num_processes={cfg.num_processes} but this machine has {torch.cuda.device_count()} GPU(s); "
+                "use at most one process per GPU"
+            )
+    else:
+        cores = os.cpu_count() or 1
+        if cfg.num_processes > cores:
+            problems.append(
+                f"train.num_processes={cfg.num_processes} but this machine has {cores} CPU core(s); "
+                f"set train.num_processes to at most {cores}"
+            )
+        if cfg.precision == "bf16":
+            problems.append("train.precision=bf16 needs a GPU here; use auto or fp32 on CPU")
+    if problems:
+        raise ParamsError("cannot train with these params:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def check_lora_targets(model: Any, targets: list[str]) -> None:
+    """Raise ParamsError naming `train.lora.target_modules` when a target is not a Linear layer of the model."""
+    names = linear_module_names(model)
+    if targets == [ALL_LINEAR]:
+        return
+    missing = [t for t in targets if t not in names]
+    if missing or not targets:
+        raise ParamsError(
+            f"train.lora.target_modules: {missing or '[] (empty)'} not found in the model "
+            f"({model.config.model_type}); its Linear layers are {names} (or use [{ALL_LINEAR}])"
+        )
+
+
+def encode_rows(params: Params, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """Encode rows as training features; returns them and the truncation counts."""
+    cfg, data = params.train, params.data
+    features, counts = [], {"truncated_source": 0, "truncated_target": 0}
+    for r in rows:
+        f = encode_example(
+            tokenizer, r["text"], r["summary"], data.prompt_template, data.use_chat_template,
+            cfg.max_source_length, cfg.max_target_length,
+        )
+        counts["truncated_source"] += f["truncated_source"]
+        counts["truncated_target"] += f["truncated_target"]
+        features.append({k: f[k] for k in ("input_ids", "attention_mask", "labels")})
+    return features, counts
+
+
+def _fingerprint(params: Params, base_dir: Path, split_dir: Path) -> dict[str, Any]:
+    """What a checkpoint depends on: the train params, the prompt, the data and the base weights."""
+    train = params.train.model_dump(mode="json")
+    # How many ranks share the work does not change the maths of a resume (same global batch aside).
+    train.pop("num_processes")
+    train.pop("torch_threads")
+    return {
+        "train": train,
+        "prompt_template": params.data.prompt_template,
+        "use_chat_template": params.data.use_chat_template,
+        "train_data": file_sha256(split_dir / "train.jsonl"),
+        "val_data": file_sha256(split_dir / "val.jsonl"),
+        "base": dir_sha256(base_dir),
+    }
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a complete checkpoint folder, None when it is incomplete.
+
+    The Trainer writes `trainer_state.json` last (after weights, optimizer and RNG states), so a
+    folder whose state file parses and names the folder's step was fully written.
+    """
+    try:
+        step = int(path.name.rsplit("-", 1)[1])
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (IndexError, ValueError, OSError):
+        return None
+    return step if state.get("global_step") == step else None
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder, or None."""
+    done = [(checkpoint_step(p), p) for p in ckpt_dir.glob("checkpoint-*") if p.is_dir()]
+    done = [(s, p) for s, p in done if s is not None]
+    return max(done)[1] if done else None
+
+
+def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Keep checkpoints only when they were made with the same params and data; drop incomplete ones."""
+    fp_file = ckpt_dir / FINGERPRINT_FILE
+    if ckpt_dir.exists():
+        old = read_json(fp_file) if fp_file.exists() else None
+        if old != fingerprint:
+            if any(ckpt_dir.glob("checkpoint-*")):
+                log.warning("params, data or base changed since the checkpoints in %s were made: starting afresh", ckpt_dir)
+            shutil.rmtree(ckpt_dir)
+        else:
+            for p in ckpt_dir.glob("checkpoint-*"):
+                if checkpoint_step(p) is None:
+                    log.warning("removing incomplete checkpoint %s (the run was killed while saving it)", p)
+                    shutil.rmtree(p)
+    write_json(fp_file, fingerprint)
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Fine-tune the pretrained base on the training split; write the merged model and metrics.
+
+    Args:
+        params: all params; reads `train`, `data.prompt_template`, `data.use_chat_template`,
+            `model.trust_remote_code` and `paths`.
+
+    Returns:
+        The metrics written to `metrics/train.json` (rank 0; other ranks return {}).
+
+    Raises:
+        ParamsError: bad train params (named), checked before training.
+        StageError: the pretrained base or the splits are missing, or a rank failed.
+    """
+    cfg = params.train
+    check_params(params)
+    base_dir = params.paths.stage_dir("pretrain") / "model"
+    split_dir = params.paths.stage_dir("split")
+    if not (base_dir / "config.json").exists():
+        raise StageError(f"{base_dir} holds no model; run `sftflow pretrain` first")
+    for name in ("train", "val"):
+        if not (split_dir / f"{name}.jsonl").exists():
+            raise StageError(f"{split_dir / name}.jsonl does not exist; run `sftflow validate && sftflow split` first")
+
+    ckpt_dir = params.paths.stage_dir(STAGE) / "checkpoints"
+    launched_child = os.environ.get(LAUNCHED_ENV) == "1"
+    if not launched_child and is_rank_zero():
+        prepare_checkpoints(ckpt_dir, _fingerprint(params, base_dir, split_dir))
+
+    threads = threads_per_rank(cfg.torch_threads, cfg.num_processes)
+    if cfg.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        relaunch(STAGE, params, cfg.num_processes, threads)
+        return read_json(params.paths.metrics_file(STAGE))
+    configure_threads(threads)
+    return _train(params, base_dir, split_dir, ckpt_dir, threads)
+
+
+def _train(params: Params, base_dir: Path, split_dir: Path, ckpt_dir: Path, threads: int) -> dict[str, Any]:
+    """The training proper, in every rank."""
+    import torch
+    from transformers import TrainingArguments
+
+    cfg = params.train
+    on_gpu = torch.cuda.is_available()
+    if cfg.deepspeed_config is not None:
+        ensure_distributed_env()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    model, tokenizer = load_model_and_tokenizer(base_dir, trust_remote_code=params.model.trust_remote_code)
+    if cfg.method == "lora":
+        check_lora_targets(model, cfg.lora.target_modules)
+    train_rows = read_jsonl(split_dir / "train.jsonl")
+    val_rows = read_jsonl(split_dir / "val.jsonl")
+    train_features, train_cuts = encode_rows(params, tokenizer, train_rows)
+    val_features, val_cuts = encode_rows(params, tokenizer, val_rows)
+    for split, cuts in (("train", train_cuts), ("val", val_cuts)):
+        if cuts["truncated_source"] or cuts["truncated_target"]:
+            log.warning(
+                "%s: %d texts cut to train.max_source_length=%d tokens, %d summaries cut to train.max_target_length=%d",
+                split, cuts["truncated_source"], cfg.max_source_length, cuts["truncated_target"], cfg.max_target_length,
+            )
+
+    set_seed(cfg.seed)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=ALL_LINEAR if cfg.lora.target_modules == [ALL_LINEAR] else list(cfg.lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    trainable, total = count_parameters(model)
+    log.info(
+        "train: %d rows (%d val), method %s, %s trainable of %s parameters, %d rank(s) x %d thread(s), deepspeed %s",
+        len(train_features), len(val_features), cfg.method, f"{trainable:,}", f"{total:,}", world_size, threads,
+        cfg.deepspeed_config,
+    )
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=0.01,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.keep_checkpoints,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        deepspeed=str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
+        bf16=bf16,
+        use_cpu=not on_gpu,
+        ddp_backend="gloo" if world_size > 1 and not on_gpu else None,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        report_to=[],
+    )
+
+    stage_dir = params.paths.stage_dir(STAGE)
+    out_dir, tmp_dir, adapter_dir = stage_dir / "model", stage_dir / ".model.tmp", stage_dir / "adapter"
+    resume = last_complete_checkpoint(ckpt_dir)
+    finished = _finished_state(resume)
+    if finished is not None:
+        # The Trainer would run one extra step when resumed at its last step; rebuild from the checkpoint.
+        log.info("%s already holds the last step (%d): rebuilding the model from it", resume, finished["global_step"])
+        history, seconds, steps_run, tokens = finished["log_history"], 0.0, 0, 0
+        session = {"start_step": finished["global_step"]}
+        weights = resume
+    else:
+        trainer, session = _make_trainer(model, tokenizer, train_features, val_features, args)
+        if resume is not None:
+            log.info("resuming from %s", resume)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        seconds = time.perf_counter() - start
+        if not any("eval_loss" in e and e.get("step") == trainer.state.global_step for e in trainer.state.log_history):
+            trainer.evaluate()  # the curve ends on a validation point
+        history, steps_run = trainer.state.log_history, len(session["steps"])
+        tokens = trainer.state.num_input_tokens_seen - session["start_tokens"]
+        weights = adapter_dir if cfg.method == "lora" else tmp_dir
+        if is_rank_zero():
+            shutil.rmtree(weights, ignore_errors=True)
+        # save_model gathers ZeRO-3 shards, so every rank calls it; only rank 0 writes.
+        trainer.save_model(str(weights))
+    if not is_rank_zero():
+        return {}
+
+    if cfg.method == "lora":
+        from peft import PeftModel
+
+        base, _ = load_model_and_tokenizer(base_dir, trust_remote_code=params.model.trust_remote_code)
+        merged = PeftModel.from_pretrained(base, str(weights)).merge_and_unload()
+        save_model(merged, tokenizer, tmp_dir)
+    elif weights != tmp_dir:
+        full, _ = load_model_and_tokenizer(weights, trust_remote_code=params.model.trust_remote_code)
+        save_model(full, tokenizer, tmp_dir)
+    (tmp_dir / "training_args.bin").unlink(missing_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_dir.rename(out_dir)  # readers never see half a model
+
+    loss_kwargs = {
+        "template": params.data.prompt_template,
+        "use_chat_template": params.data.use_chat_template,
+        "max_source_length": cfg.max_source_length,
+        "max_target_length": cfg.max_target_length,
+        "batch_size": cfg.batch_size,
+    }
+    tuned, _ = load_model_and_tokenizer(out_dir, trust_remote_code=params.model.trust_remote_code)
+    base, base_tokenizer = load_model_and_tokenizer(base_dir, trust_remote_code=params.model.trust_remote_code)
+    val_loss = summary_loss(tuned, tokenizer, val_rows, **loss_kwargs)
+    base_val_loss = summary_loss(base, base_tokenizer, val_rows, **loss_kwargs)
+
+    rows = loss_rows(history)
+    plots = params.paths.plots_dir(STAGE)
+    write_loss_curve(rows, plots / "loss.csv", plots / "loss.png", f"train ({cfg.method}): summary-token loss")
+    logged = [r["train_loss"] for r in rows if r["train_loss"] is not None]
+    last = logged[-10:]
+    samples = steps_run * cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    metrics = {
+        "method": cfg.method,
+        # Mean of the last (up to) ten logged losses: one step's loss is too noisy to compare runs.
+        "train_loss": round(sum(last) / len(last), 4) if last else None,
+        "val_loss": round(val_loss, 4),
+        "base_val_loss": round(base_val_loss, 4),
+        "val_loss_gain": round(base_val_loss - val_loss, 4),
+        "val_rows": len(val_rows),
+        "steps": rows[-1]["step"] if rows else session["start_step"],
+        "resumed_from_step": session["start_step"],
+        "steps_run": steps_run,
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "samples_per_second": round(samples / seconds, 2) if seconds else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_rss_mb": peak_rss_mb(),
+        "train_truncated_source": train_cuts["truncated_source"],
+        "train_truncated_target": train_cuts["truncated_target"],
+        "val_truncated_source": val_cuts["truncated_source"],
+        "val_truncated_target": val_cuts["truncated_target"],
+        "deepspeed_config": str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
+        "num_processes": world_size,
+        "threads_per_process": threads,
+        "bf16": bf16,
+    }
+    write_json(params.paths.metrics_file(STAGE), metrics)
+    log.info(
+        "train: val loss %.4f (base %.4f) after %d steps; wrote %s", val_loss, base_val_loss, metrics["steps"], out_dir
+    )
+    return metrics
+
+
+def _finished_state(checkpoint: Path | None) -> dict[str, Any] | None:
+    """The trainer state of a checkpoint that already holds the last training step, else None."""
+    if checkpoint is None:
+        return None
+    state = read_json(checkpoint / "trainer_state.json")
+    return state if state.get("max_steps") and state["global_step"] >= state["max_steps"] else None
+
+
+def _make_trainer(
+    model: Any,
+    tokenizer: Any,
+    train_features: list[dict[str, list[int]]],
+    val_features: list[dict[str, list[int]]],
+    args: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """The HF Trainer, and a dict its callback fills with where this session started and which steps it ran."""
+    from transformers import Trainer, TrainerCallback
+
+    session: dict[str, Any] = {}
+
+    class SessionRecorder(TrainerCallback):
+        """Where this run started (a resume starts mid-way) and which steps it did itself."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            session["start_step"] = state.global_step
+            session["start_tokens"] = state.num_input_tokens_seen
+            session["steps"] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            session["steps"].append(state.global_step)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_features,
+        eval_dataset=val_features,
+        data_collator=lambda batch: collate_features(batch, pad_id),
+        processing_class=tokenizer,
+        callbacks=[SessionRecorder()],
+    )
+    return trainer, session
