@@ -260,6 +260,14 @@ class QuantizeConfig(Section):
 
     methods: list[Literal["int8", "bnb-int8", "bnb-nf4"]] = Field(default_factory=lambda: ["int8"])
     max_drop: float = Field(default=1.0, ge=0, description="Largest ROUGE-L drop (points) allowed.")
+    rows: int = Field(default=0, ge=0, description="Measure on the first N test rows; 0 = all.")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"quantize.methods lists a method twice: {v}")
+        return v
 
 
 class RegisterConfig(Section):
