@@ -403,16 +403,12 @@ def build_app(params: Params, server: ChampionServer | None = None) -> Any:
             trigger(ui_summarize, [text_box, new_tokens], summary_box, api_visibility="private")
         gr.api(api_summarize, api_name="summarize")
         gr.api(api_model_info, api_name="model_info", concurrency_limit=None)
-        # The panel follows the alias: the page re-reads it as often as the server polls.
-        timer = gr.Timer(cfg.poll_seconds)
-        timer.tick(
-            lambda: info_markdown(server.current, model_name),
-            None,
-            info_panel,
-            api_visibility="private",
-            concurrency_limit=None,
-            show_progress="hidden",
-        )
+        # The panel follows the alias: read on page load and as often as the server polls. Cheap, so
+        # outside the concurrency limit (a tick must not wait behind generations).
+        refresh = {"fn": lambda: info_markdown(server.current, model_name), "inputs": None, "outputs": info_panel,
+                   "api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
+        demo.load(**refresh)
+        gr.Timer(cfg.poll_seconds).tick(**refresh)
     demo.queue(default_concurrency_limit=cfg.concurrency_limit)
     return demo
 

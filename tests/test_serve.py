@@ -162,30 +162,54 @@ def test_bad_input_is_an_api_error_and_the_app_stays_up(served, value, message):
     assert served["client"].predict(served["texts"][0], api_name="/summarize")
 
 
-def test_page_in_headless_chromium_streams_the_summary(served):
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, driven by playwright (no downloaded browser)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def test_page_in_headless_chromium_shows_the_summary(served, browser):
+    from playwright.sync_api import expect
 
     text = served["texts"][1]
     expected = served["client"].predict(text, api_name="/summarize")
     shot = served["tmp"] / "serve_page.png"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(served["url"])
-            expect(page.locator("#model-info")).to_contain_text(f"version {served['v1']}", timeout=30_000)
-            expect(page.get_by_text("Examples from the test split")).to_be_visible()
-            page.locator("#input-text textarea").fill(text)
-            page.locator("#summarize-button").click()
-            expect(page.locator("#summary textarea")).to_have_value(expected, timeout=30_000)
-            page.screenshot(path=str(shot), full_page=True)
-            # Bad input from the page: a clear message, and the page still works afterwards.
-            page.locator("#input-text textarea").fill("   ")
-            page.locator("#summarize-button").click()
-            expect(page.get_by_text("the input is empty")).to_be_visible(timeout=30_000)
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(served["url"])
+        expect(page.locator("#model-info")).to_contain_text(f"version {served['v1']}", timeout=30_000)
+        expect(page.get_by_text("Examples from the test split")).to_be_visible()
+        page.locator("#input-text textarea").fill(text)
+        page.locator("#summarize-button").click()
+        expect(page.locator("#summary textarea")).to_have_value(expected, timeout=30_000)
+        page.screenshot(path=str(shot), full_page=True)
+        # Bad input from the page: a clear message, and the page still works afterwards.
+        page.locator("#input-text textarea").fill("   ")
+        page.locator("#summarize-button").click()
+        expect(page.get_by_text("the input is empty")).to_be_visible(timeout=30_000)
+    finally:
+        page.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_stream_grows_token_by_token_and_ends_at_the_api_result(served):
+    from tasks.serve import load_version, stream_summary, summarize
+
+    params, client = served["params"], served["mlflow"]
+    v2 = load_version(params, client, client.get_model_version(params.register.model_name, served["v2"]))
+    text = served["texts"][0]
+    chunks = list(stream_summary(v2, text, max_new_tokens=params.evaluate.max_new_tokens))
+    assert len(chunks) > 1 and all(b.startswith(a) for a, b in zip(chunks, chunks[1:]))
+    assert chunks[-1] == summarize(v2, text)
+    # the page's "max new tokens" setting bounds the summary (one character per token here)
+    assert len(list(stream_summary(v2, text, max_new_tokens=3))[-1]) == 3
 
 
 def test_requests_in_flight_keep_their_version_across_a_swap(served):
@@ -206,18 +230,27 @@ def test_requests_in_flight_keep_their_version_across_a_swap(served):
     assert server.current.version == served["v1"]
 
 
-def test_moving_the_alias_hot_reloads_the_app(served):
-    """Runs last in the module: it leaves version 2 serving."""
+def test_moving_the_alias_hot_reloads_the_app(served, browser):
+    """Runs last in the module: it leaves version 2 serving. An open page's panel follows the alias."""
+    from playwright.sync_api import expect
+
     client, name, text = served["client"], served["params"].register.model_name, served["texts"][2]
     before = client.predict(text, api_name="/summarize")
     expected = _predict(f"models:/{name}/{served['v2']}", [text])[0]
     assert expected != before, "the two tiny models must write different summaries for this test to mean anything"
-    served["mlflow"].set_registered_model_alias(name, "champion", served["v2"])
-    deadline = time.monotonic() + 60
-    while client.predict(api_name="/model_info")["version"] != served["v2"]:
-        assert time.monotonic() < deadline, "the app did not switch to the new champion"
-        time.sleep(POLL_SECONDS / 2)
-    assert client.predict(text, api_name="/summarize") == expected
+    page = browser.new_page()
+    try:
+        page.goto(served["url"])
+        expect(page.locator("#model-info")).to_contain_text(f"version {served['v1']}", timeout=30_000)
+        served["mlflow"].set_registered_model_alias(name, "champion", served["v2"])
+        deadline = time.monotonic() + 60
+        while client.predict(api_name="/model_info")["version"] != served["v2"]:
+            assert time.monotonic() < deadline, "the app did not switch to the new champion"
+            time.sleep(POLL_SECONDS / 2)
+        assert client.predict(text, api_name="/summarize") == expected
+        expect(page.locator("#model-info")).to_contain_text(f"version {served['v2']}", timeout=30_000)
+    finally:
+        page.close()
 
 
 # ----------------------------------------------------------------------------- no server needed
