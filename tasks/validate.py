@@ -32,6 +32,8 @@ from tasks.errors import DataError
 from tasks.io import atomic_write_text, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
+# GE logs its own import and set-up (decorated closures, data sources) at INFO; the stage logs what matters.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 STAGE = "validate"
 ALPACA_COLUMNS = ("instruction", "input", "output")
@@ -399,8 +401,6 @@ def run_suite(frame: pd.DataFrame, expectations: list[Any], index_columns: list[
         ProgressBarsConfig,
     )
 
-    # GE logs its own set-up (closures, data sources) at INFO; the stage logs what matters.
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(
         mode="ephemeral",
         project_config=DataContextConfig(

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from tasks.cli import main
 from tasks.config import STAGES
 
@@ -35,6 +35,7 @@ def test_console_script_rejects_an_unknown_key_by_name(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert proc.returncode == 2, proc.stderr
     assert "no_such_key" in proc.stderr and "section `validate`" in proc.stderr

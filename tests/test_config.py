@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from tasks.config import Params, ParamsError, load_params, params_from_dict
 
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").rglob("*") if p.is_file())

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, sample_rows
 
 BIN = Path(sys.executable).parent
@@ -23,7 +22,7 @@ GIT_ENV = {
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 

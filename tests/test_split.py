@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, sample_rows
+
 from tasks.config import SplitConfig, load_params
 from tasks.errors import DataError, StageError
 
@@ -144,7 +144,7 @@ def test_leak_check_names_rows_across_splits():
 
 
 def test_a_leaky_assignment_fails_loudly_and_writes_no_split(tmp_path, monkeypatch):
-    import tasks.split as split
+    from tasks import split
 
     rows = sample_rows(50)
     params = params_with_clean(tmp_path, rows)

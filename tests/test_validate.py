@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT, sample_rows
+
 from tasks.config import load_params
 from tasks.errors import DataError, StageError
 
