@@ -255,9 +255,12 @@ def load_table(path: Path, fmt: str) -> RawTable:
 
 
 def _as_text(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A cell as text: strings as they are, numbers written out; missing values, lists and objects as None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
         return None
-    return value if isinstance(value, str) else str(value)
+    return str(value)
 
 
 def resolve_columns(columns: Iterable[str], data: DataConfig) -> tuple[str, list[str]]:

@@ -237,3 +237,14 @@ def test_language_measures():
     assert cjk_ratio("中文ab") == 0.5
     assert cjk_ratio("  ") == 0.0
     assert ascii_word_ratio("We use 深度学习 here") == 0.75
+
+
+def test_english_data_under_language_en(tmp_path):
+    rows = [
+        {"id": f"en{i}", "text": f"We study method {i} for the control of flying vehicles and report results.", "summary": f"Method {i}"}
+        for i in range(30)
+    ]
+    rows[3]["text"] = "我们研究了飞行器姿态控制系统的一种新的镇定控制器设计方法。"  # the one Chinese row is dropped
+    metrics = run_validate(tmp_path, write_jsonl(tmp_path / "en.jsonl", rows), "data.language=en")
+    assert metrics["rows_out"] == 29 and metrics["dropped"]["language"] == 1
+
