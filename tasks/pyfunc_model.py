@@ -2,8 +2,9 @@
 
 `tasks.register` logs this file as the model's code (`python_model=<this file>`); MLflow runs it
 at load time and takes the model set by `mlflow.models.set_model` below. The model's artifacts are
-the Hugging Face folder (`hf_model`: safetensors + tokenizer) and `sftflow.json` (generation
-settings), so a loaded model generates exactly like the `evaluate` stage:
+the Hugging Face folder (`hf_model`: safetensors + tokenizer; a quantized variant's folder carries
+the quantize stage's marker and loads through `tasks.quantize.load_quantized`) and `sftflow.json`
+(generation settings), so a loaded model generates exactly like the `evaluate` stage:
 
     loaded = mlflow.pyfunc.load_model("models:/sftflow-summarizer@champion")
     loaded.predict(pd.DataFrame({"text": ["..."]}))          # -> one summary per row
@@ -46,7 +47,9 @@ class SummarizerModel(PythonModel):
         if missing:
             raise ValueError(f"{SETTINGS_FILE} of this model lacks {missing}; re-register the model")
         model_dir = Path(context.artifacts[MODEL_ARTIFACT])
-        if settings.get("quantization"):
+        from tasks.quantize import MARKER_FILE
+
+        if (model_dir / MARKER_FILE).exists():  # the folder says it is quantized, and how
             from tasks.quantize import load_quantized
 
             model, tokenizer = load_quantized(model_dir)

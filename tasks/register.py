@@ -249,10 +249,11 @@ def log_and_register(
     model_dir = Path(model_dir)
     if not model_dir.is_dir() or not any(model_dir.iterdir()):
         raise StageError(f"model folder {model_dir} does not exist or is empty")
-    if quantization is None:
-        _check_model_dir(model_dir, "model folder")
-        if not list(model_dir.glob("*.safetensors")):
-            raise StageError(f"{model_dir} holds no .safetensors weights: save it with tasks.modeling.save_model")
+    _check_model_dir(model_dir, "model folder")
+    if not list(model_dir.glob("*.safetensors")):
+        raise StageError(f"{model_dir} holds no .safetensors weights: save it with tasks.modeling.save_model")
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")) or list(model_dir.glob("*.pkl")):
+        raise StageError(f"{model_dir} holds pickled weights (.bin/.pt/.pkl): only safetensors are registered")
     name = registered_name or model_name_of(params, quantization)
     signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema([ColSpec("string")]))
     started = mlflow.active_run() is None
@@ -306,13 +307,7 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
     row_scores = row_scores_from_predictions(params)
     tags = lineage_tags(params, flow_run_id)
     quant = quantize_metrics(params)
-    variant_dirs = {}
-    for method in params.quantize.methods:
-        folder = params.paths.stage_dir("quantize") / method
-        if folder.is_dir() and any(folder.iterdir()):
-            variant_dirs[method] = folder
-        else:
-            log.info("no quantized variant %s in %s: not registering one", method, folder)
+    variant_dirs = _variant_dirs(params)
     evaluated_on = read_json(params.paths.metrics_file("evaluate")).get("test_sha256")
     if evaluated_on and evaluated_on != tags["split.test_sha256"]:
         raise StageError(
@@ -352,6 +347,29 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
     }
     log.info("registered %s version %s (%d variants)", version.name, version.version, len(variants))
     return result
+
+
+def _variant_dirs(params: Params) -> dict[str, Path]:
+    """The quantized variants of `quantize.methods` the quantize stage wrote (folders with its marker)."""
+    from tasks.quantize import MARKER_FILE, read_marker
+
+    found = {}
+    for method in params.quantize.methods:
+        folder = params.paths.stage_dir("quantize") / method
+        if not (folder / MARKER_FILE).exists():
+            log.info("no quantized variant %s in %s: not registering one", method, folder)
+            continue
+        marker = read_marker(folder)
+        if marker["method"] != method:
+            raise StageError(f"{folder / MARKER_FILE} says {marker['method']!r}, not {method!r}: re-run `sftflow quantize`")
+        _check_model_dir(folder, f"the {method} variant")
+        found[method] = folder
+    if found and not params.paths.metrics_file("quantize").exists():
+        raise StageError(
+            f"{params.paths.metrics_file('quantize')} does not exist but variants do: re-run `sftflow quantize` "
+            "(promotion gates each variant on its measured ROUGE-L drop)"
+        )
+    return found
 
 
 def save_row_scores(run_id: str, test_sha256: str, scores: dict[str, float]) -> None:

@@ -34,16 +34,20 @@ def test_register_records_lineage_and_safetensors_only(store, tiny_overrides, ti
     from tasks import register
     from tasks.io import file_sha256
 
+    def git_head():
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
     params = _params(tiny_overrides, "reg-lineage")
     build_upstream(params, tiny_model_dir, ROWS, [30.0 + i for i in range(len(ROWS))])
+    head_before = git_head()
     result = register.run(params, flow_run_id="flow-123")
+    heads = {head_before, git_head()}  # others may commit to this checkout meanwhile
 
     client = mlflow.MlflowClient()
     mv = client.get_model_version("reg-lineage", str(result["version"]))
     tags = mv.tags
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert tags["data.sha256"] == file_sha256(tiny_data)
-    assert tags["code.commit"] == head and tags["code.dirty"] in {"true", "false"}
+    assert tags["code.commit"] in heads and tags["code.dirty"] in {"true", "false"}
     assert tags["params.sha256"] == params.digest()
     assert tags["model.base"] == "scratch"
     assert tags["validate.success"] == "true"
@@ -64,7 +68,7 @@ def test_register_records_lineage_and_safetensors_only(store, tiny_overrides, ti
     assert settings["prompt_template"] == params.data.prompt_template and settings["max_new_tokens"] == 8
 
     text = register.lineage(params, mv.version)
-    for needle in (tags["data.sha256"], head, params.digest(), "rouge-l 34.5000", "validation success=true"):
+    for needle in (tags["data.sha256"], tags["code.commit"], params.digest(), "rouge-l 34.5000", "validation success=true"):
         assert needle in text
 
 
@@ -114,3 +118,55 @@ def test_champion_loads_in_fresh_process_and_matches_evaluate(store, tiny_overri
     attrs = json.loads(next(x for x in lines if x.startswith("ATTRS"))[len("ATTRS"):])
     assert got == expected and len(got) == len(texts)
     assert attrs == ["Qwen2ForCausalLM", "zh"]
+
+
+def _int8_variant(params, model_dir, drop):
+    """The quantize stage's int8 folder (its own functions) and a metrics/quantize.json with the given drop."""
+    from tasks.io import write_json
+    from tasks.modeling import load_model_and_tokenizer
+    from tasks.quantize import quantize_int8, save_int8
+
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    _, tensors, layout = quantize_int8(model)
+    folder = params.paths.stage_dir("quantize") / "int8"
+    save_int8(tensors, layout, model, tokenizer, folder)
+    write_json(params.paths.metrics_file("quantize"), {"rows": len(ROWS), "int8.rouge-l": 30.0 - drop,
+                                                        "int8.rouge-l_drop": drop, "int8.passed": drop <= 1.0})
+    return folder
+
+
+def test_quantized_variant_registered_loaded_and_gated(store, tiny_overrides, tiny_model_dir):
+    import mlflow
+    import pandas as pd
+
+    from tasks import promote, register
+    from tasks.generation import generate
+    from tasks.quantize import load_quantized
+
+    params = _params(tiny_overrides, "reg-variant")
+    build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
+    folder = _int8_variant(params, tiny_model_dir, drop=0.2)
+    first = register.run(params)
+    assert first["variants"] == {"int8": "models:/reg-variant-int8/1"}
+    tags = mlflow.MlflowClient().get_model_version("reg-variant", str(first["version"])).tags
+    assert tags["sftflow.variant.int8"] == "models:/reg-variant-int8/1"
+    assert float(tags["quantize.int8.rouge-l_drop"]) == pytest.approx(0.2)
+
+    texts = [r["text"] for r in ROWS[:3]]
+    model, tokenizer = load_quantized(folder)
+    expected = generate(model, tokenizer, texts, prompt_template=params.data.prompt_template,
+                        use_chat_template=params.data.use_chat_template, max_new_tokens=params.evaluate.max_new_tokens,
+                        batch_size=params.evaluate.batch_size, max_source_length=params.train.max_source_length)
+    loaded = mlflow.pyfunc.load_model("models:/reg-variant-int8/1")
+    assert loaded.predict(pd.DataFrame({"text": texts})) == expected
+    assert type(loaded.unwrap_python_model().model).__name__ == type(model).__name__
+    assert promote.run(params)["decision"] == "champion"
+
+    # Better by 8 points, but its int8 variant loses 2.5 > quantize.max_drop (1.0): stays challenger.
+    build_upstream(params, tiny_model_dir, ROWS, [38.0] * len(ROWS))
+    _int8_variant(params, tiny_model_dir, drop=2.5)
+    second = register.run(params)
+    assert second["variants"] == {"int8": "models:/reg-variant-int8/2"}
+    gated = promote.run(params)
+    assert gated["delta"] == pytest.approx(8.0) and gated["int8_drop"] == pytest.approx(2.5)
+    assert gated["decision"] == "challenger" and "int8 variant loses 2.50" in gated["reason"]
