@@ -23,3 +23,18 @@ def test_saved_dir_loads_like_a_hub_model(tiny_model_dir):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(StageError, match="does not exist"):
         load_model_and_tokenizer(tmp_path / "nope")
+
+
+def test_atomic_write_gives_normal_permissions_and_leaves_no_temp(tmp_path):
+    import os
+    import stat
+
+    from tasks.io import atomic_write_text
+
+    target = tmp_path / "sub" / "x.txt"
+    atomic_write_text(target, "数据")
+    assert target.read_text(encoding="utf-8") == "数据"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in target.parent.iterdir()] == ["x.txt"]
