@@ -1,0 +1,187 @@
+"""The quantize stage: int8 weights really are int8, a fresh process reloads the saved variant and gets
+the outputs it gave before saving, and the gate fails a variant that loses more than `max_drop`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, sample_rows
+
+PROMPT = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："
+TEXTS = [r["text"] for r in sample_rows(6)]
+
+RELOAD_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+from tasks.quantize import load_quantized
+from tasks.generation import generate
+model, tok = load_quantized(sys.argv[1])
+texts = json.loads(sys.argv[2])
+print(json.dumps(generate(model, tok, texts, prompt_template=sys.argv[3], use_chat_template=True,
+                          max_new_tokens=8, batch_size=4), ensure_ascii=False))
+"""
+
+
+def _trained_tiny(tiny_model_dir: Path, out: Path) -> Path:
+    """The tiny model with its weights scaled up, so greedy outputs vary by row (not one repeated token)."""
+    from tasks.io import set_seed
+    from tasks.modeling import load_model_and_tokenizer, save_model
+
+    set_seed(1)
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    save_model(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model_dir, tmp_path_factory):
+    """(full model dir, int8 dir, outputs of the int8 model before saving)."""
+    from tasks.generation import generate
+    from tasks.modeling import load_model_and_tokenizer
+    from tasks.quantize import quantize_int8, save_int8
+
+    full_dir = _trained_tiny(tiny_model_dir, tmp_path_factory.mktemp("full"))
+    model, tok = load_model_and_tokenizer(full_dir)
+    model, tensors, layout = quantize_int8(model)
+    before = generate(model, tok, TEXTS, prompt_template=PROMPT, use_chat_template=True, max_new_tokens=8, batch_size=4)
+    out = tmp_path_factory.mktemp("int8")
+    save_int8(tensors, layout, model, tok, out)
+    return full_dir, out, before, model
+
+
+def test_fresh_process_reload_gives_the_same_outputs(quantized):
+    _, int8_dir, before, _ = quantized
+    assert len(set(before)) > 1, "the tiny model should give different outputs per row for this test to bite"
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT, str(int8_dir), json.dumps(TEXTS, ensure_ascii=False), PROMPT],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert after == before
+
+
+def test_linear_weights_are_int8_on_disk_and_in_memory(quantized):
+    from safetensors import safe_open
+
+    from tasks.quantize import MARKER_FILE, weights_bytes
+
+    full_dir, int8_dir, _, model = quantized
+    marker = json.loads((int8_dir / MARKER_FILE).read_text(encoding="utf-8"))
+    assert marker["method"] == "int8" and marker["versions"]["torch"] == torch.__version__
+    linears = marker["layout"]["linear"]
+    assert "lm_head" in linears and "model.layers.0.mlp.down_proj" in linears
+    assert marker["layout"]["aliases"] == {"lm_head": "model.embed_tokens"}  # tied: stored once
+    for name in linears:
+        module = model.get_submodule(name)
+        assert module.weight().dtype == torch.qint8, name
+        assert module.weight().int_repr().dtype == torch.int8
+    with safe_open(str(int8_dir / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        int8_keys = [k for k in keys if k.endswith(".weight_int8")]
+        assert all(f.get_tensor(k).dtype == torch.int8 for k in int8_keys)
+        float_keys = [k for k in keys if f.get_tensor(k).dtype == torch.float32 and not k.endswith("_scale")]
+    assert not any(k.endswith("proj.weight") or k == "lm_head.weight" for k in keys)
+    assert float_keys and all("norm" in k or k.endswith(".bias") for k in float_keys)  # norms, biases
+    # int8 is a quarter of fp32; scales and norms add a little.
+    ratio = weights_bytes(int8_dir) / weights_bytes(full_dir)
+    assert 0.25 < ratio < 0.3
+
+
+def test_quantized_model_stays_close_to_full(tiny_model_dir):
+    from tasks.modeling import load_model_and_tokenizer
+    from tasks.quantize import quantize_int8
+
+    full, tok = load_model_and_tokenizer(tiny_model_dir)
+    model, _, _ = quantize_int8(load_model_and_tokenizer(tiny_model_dir)[0])
+    ids = tok(TEXTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = full(**ids).logits
+        b = model(**ids).logits
+    rel = (a - b).norm() / a.norm()
+    # int8 rounding shows (rel > 0) but stays small; a wrong scale or transposed weight gives ~1.
+    assert 0 < rel < 0.05
+
+
+def test_gate_fails_beyond_max_drop():
+    from tasks.quantize import gate, variant_metrics
+
+    assert gate(30.0, 29.5, 1.0) == {"rouge-l_drop": 0.5, "passed": True}
+    assert gate(30.0, 28.5, 1.0)["passed"] is False
+    assert gate(30.0, 29.0, 1.0)["passed"] is True  # exactly max_drop still serves
+    full = {"size_bytes": 400, "latency_s": 2.0, "cpu_s": 2.0, "rouge-l": 30.0}
+    variant = {"size_bytes": 100, "latency_s": 1.5, "cpu_s": 1.0, "rouge-l": 27.0}
+    m = variant_metrics("int8", full=full, variant=variant, agreement=0.5, max_drop=2.0)
+    assert m["int8.size_ratio"] == 0.25 and m["int8.latency_ratio"] == 0.75 and m["int8.cpu_time_ratio"] == 0.5
+    assert m["int8.rouge-l_drop"] == 3.0 and m["int8.passed"] is False
+
+
+def test_stage_writes_gated_metrics_plot_and_variant(quantized, tmp_path, tiny_overrides):
+    from tasks.config import load_params
+    from tasks.io import read_json, read_jsonl, write_jsonl
+    from tasks.quantize import MARKER_FILE, run
+
+    full_dir, _, _, _ = quantized
+    params = load_params(ROOT / "params.yaml", tiny_overrides + ["quantize.max_drop=0", "evaluate.batch_size=4"])
+    shutil.copytree(full_dir, params.paths.stage_dir("train") / "model")
+    rows = [{"id": r["id"], "text": r["text"], "summary": r["summary"]} for r in sample_rows(130)[120:128]]
+    write_jsonl(params.paths.stage_dir("split") / "test.jsonl", rows)
+
+    metrics = run(params)
+
+    assert read_json(params.paths.metrics_file("quantize")) == json.loads(json.dumps(metrics))
+    for key in ("size_ratio", "latency_ratio", "rouge-l", "rouge-l_drop", "passed"):
+        assert f"int8.{key}" in metrics, key
+    assert metrics["rows"] == 8 and "full.rouge-l" in metrics
+    assert metrics["int8.rouge-l_drop"] == pytest.approx(metrics["full.rouge-l"] - metrics["int8.rouge-l"])
+    # max_drop=0: the gate passes only when int8 scores at least as well as full precision.
+    assert metrics["int8.passed"] is (metrics["int8.rouge-l_drop"] <= 0)
+    assert metrics["int8.size_ratio"] < 0.3
+    assert (params.paths.stage_dir("quantize") / "int8" / MARKER_FILE).exists()
+    preds = read_jsonl(params.paths.stage_dir("quantize") / "predictions.jsonl")
+    assert [p["id"] for p in preds] == [r["id"] for r in rows] and {"full", "int8"} <= set(preds[0])
+    png = params.paths.plots_dir("quantize") / "comparison.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_method_without_cuda_names_the_key(tmp_path, tiny_overrides, quantized):
+    from tasks.config import load_params
+    from tasks.errors import StageError
+    from tasks.io import write_jsonl
+    from tasks.quantize import run
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    params = load_params(ROOT / "params.yaml", tiny_overrides + ["quantize.methods=[int8, bnb-nf4]"])
+    shutil.copytree(quantized[0], params.paths.stage_dir("train") / "model")
+    write_jsonl(params.paths.stage_dir("split") / "test.jsonl", [{"id": "a", "text": TEXTS[0], "summary": "标题"}])
+    with pytest.raises(StageError, match="quantize.methods"):
+        run(params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
+def test_bnb_variant_saves_and_reloads(quantized, tmp_path, method):
+    pytest.importorskip("bitsandbytes")
+    from tasks.generation import generate
+    from tasks.quantize import load_quantized, quantize_bnb
+
+    model, tok = quantize_bnb(quantized[0], method, tmp_path / method)
+    kwargs = dict(prompt_template=PROMPT, use_chat_template=True, max_new_tokens=8, batch_size=4)
+    before = generate(model, tok, TEXTS, **kwargs)
+    again, tok2 = load_quantized(tmp_path / method)
+    assert generate(again, tok2, TEXTS, **kwargs) == before
+    assert json.loads((tmp_path / method / "sftflow_quantization.json").read_text())["method"] == method
