@@ -1,0 +1,280 @@
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, sample_rows
+from tasks.cli import main as cli
+from tasks.config import ParamsError, load_params
+from tasks.io import read_json, write_jsonl
+from tasks.modeling import load_model_and_tokenizer
+from tasks.prompt import collate_features, encode_example, summary_loss
+from tasks.train import checkpoint_step, last_complete_checkpoint, run
+
+TEMPLATE = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："
+# Steps fast enough for tests, with a learning rate that moves a 32-wide model in a few steps.
+FAST = ["train.learning_rate=0.01", "train.warmup_ratio=0", "train.torch_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny scratch base, pretrained for a few steps by the pretrain stage, shared by this module."""
+    from tasks.pretrain import run as pretrain
+
+    root = tmp_path_factory.mktemp("base")
+    write_splits(root / "artifacts")
+    overrides = [
+        f"paths.artifacts={root / 'artifacts'}",
+        f"paths.metrics={root / 'metrics'}",
+        f"paths.plots={root / 'plots'}",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "model.num_kv_heads=1",
+        "model.intermediate_size=64",
+        "pretrain.max_steps=10",
+        "pretrain.batch_size=8",
+        "pretrain.block_size=64",
+        "pretrain.learning_rate=0.02",
+    ]
+    pretrain(load_params(ROOT / "params.yaml", overrides))
+    return root / "artifacts"
+
+
+def write_splits(artifacts, n=120):
+    rows = [{"id": r["id"], "text": r["text"], "summary": r["summary"]} for r in sample_rows(n)]
+    a, b = int(n * 0.8), int(n * 0.9)
+    for name, part in (("train", rows[:a]), ("val", rows[a:b]), ("test", rows[b:])):
+        write_jsonl(artifacts / "split" / f"{name}.jsonl", part)
+
+
+@pytest.fixture
+def project(tmp_path, tiny_overrides, base_dir):
+    """A project folder holding the shared base and splits; returns (overrides, artifacts dir)."""
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(base_dir / "split", artifacts / "split")
+    shutil.copytree(base_dir / "pretrain" / "model", artifacts / "pretrain" / "model")
+    return [*tiny_overrides, *FAST], artifacts
+
+
+def params_of(overrides, *extra):
+    return load_params(ROOT / "params.yaml", [*overrides, *extra])
+
+
+def loss_csv(tmp_path):
+    with (tmp_path / "plots" / "train" / "loss.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def changed_and_unchanged(before_dir, after_dir):
+    before = load_file(before_dir / "model.safetensors")
+    after = load_file(after_dir / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    return changed, sorted(set(before) - set(changed))
+
+
+# --- features -----------------------------------------------------------------------------------
+
+
+def test_label_mask_covers_only_summary_and_eos(tiny_model_dir):
+    _, tok = load_model_and_tokenizer(tiny_model_dir)
+    row = sample_rows(1)[0]
+    f = encode_example(tok, row["text"], row["summary"], TEMPLATE, True, 512, 64)
+    n_target = len(tok(row["summary"], add_special_tokens=False)["input_ids"]) + 1
+    assert f["labels"][:-n_target] == [-100] * (len(f["input_ids"]) - n_target)
+    assert f["labels"][-n_target:] == f["input_ids"][-n_target:]
+    assert f["labels"][-1] == tok.eos_token_id
+    assert tok.decode(f["labels"][-n_target:-1]) == row["summary"]
+    assert not f["truncated_source"] and not f["truncated_target"]
+
+    # A long text is cut to fit; the summary is kept whole.
+    cut = encode_example(tok, row["text"], row["summary"], TEMPLATE, True, 60, 64)
+    assert cut["truncated_source"] and not cut["truncated_target"]
+    assert len(cut["input_ids"]) - n_target <= 60
+    assert cut["labels"][-n_target:] == f["labels"][-n_target:]
+    assert tok.decode(cut["input_ids"][: len(cut["input_ids"]) - n_target]).endswith("标题：")
+
+    # A summary longer than max_target_length is cut too, flagged, and then has no eos to learn.
+    long = encode_example(tok, row["text"], row["summary"], TEMPLATE, True, 512, 5)
+    assert long["truncated_target"] and sum(x != -100 for x in long["labels"]) == 5
+    assert long["labels"][-1] != tok.eos_token_id
+
+
+def test_summary_loss_is_the_mean_over_summary_tokens(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    rows = sample_rows(5)
+    kwargs = dict(template=TEMPLATE, use_chat_template=True, max_source_length=128, max_target_length=48)
+    # by hand: sum of per-token losses over every summary token, divided by their count
+    total, count = 0.0, 0
+    for r in rows:
+        f = encode_example(tok, r["text"], r["summary"], TEMPLATE, True, 128, 48)
+        batch = collate_features([f], tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
+        labels = batch["labels"][0, 1:]
+        keep = labels != -100
+        total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+        count += int(keep.sum())
+    expected = total / count
+    assert summary_loss(model, tok, rows, batch_size=1, **kwargs) == pytest.approx(expected, rel=1e-5)
+    assert summary_loss(model, tok, rows, batch_size=4, **kwargs) == pytest.approx(expected, rel=1e-5)
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, base_dir):
+    """One full fine-tuning run (no DeepSpeed): 16 steps, checkpoints every 4; its metrics and loss rows."""
+    root = tmp_path_factory.mktemp("reference")
+    overrides = _overrides_for(root, base_dir)
+    metrics = run(params_of(overrides))
+    return metrics, loss_csv(root), root
+
+
+def _overrides_for(root, base_dir):
+    artifacts = root / "artifacts"
+    if not (artifacts / "split").exists():
+        shutil.copytree(base_dir / "split", artifacts / "split")
+        shutil.copytree(base_dir / "pretrain" / "model", artifacts / "pretrain" / "model")
+    return [
+        f"paths.artifacts={artifacts}",
+        f"paths.metrics={root / 'metrics'}",
+        f"paths.plots={root / 'plots'}",
+        "train.max_steps=16",
+        "train.batch_size=8",
+        "train.save_steps=4",
+        "train.eval_steps=4",
+        "train.logging_steps=1",
+        "train.deepspeed_config=null",
+        *FAST,
+    ]
+
+
+def test_full_finetuning_changes_every_weight_and_beats_the_base(reference, base_dir):
+    metrics, rows, root = reference
+    changed, unchanged = changed_and_unchanged(base_dir / "pretrain" / "model", root / "artifacts" / "train" / "model")
+    assert not unchanged, f"parameters not updated: {unchanged}"
+    assert metrics["val_loss"] < metrics["base_val_loss"] - 0.1
+    assert metrics["steps"] == 16 and metrics["steps_run"] == 16 and metrics["resumed_from_step"] == 0
+    assert metrics["trainable_params"] == metrics["total_params"] > 0
+    assert [int(r["step"]) for r in rows] == list(range(1, 17))
+    assert all(r["val_loss"] for r in rows if int(r["step"]) % 4 == 0)
+    assert (root / "plots" / "train" / "loss.png").stat().st_size > 0
+    model, _ = load_model_and_tokenizer(root / "artifacts" / "train" / "model")
+    assert model.config.model_type == "qwen2"
+
+
+def test_seeded_runs_give_the_same_loss(tmp_path, reference, base_dir):
+    metrics, rows, _ = reference
+    again = run(params_of(_overrides_for(tmp_path, base_dir)))
+    assert again["val_loss"] == metrics["val_loss"] and again["train_loss"] == metrics["train_loss"]
+    assert loss_csv(tmp_path) == rows
+
+
+def test_killed_run_resumes_from_the_last_complete_checkpoint(tmp_path, reference, base_dir):
+    metrics, rows, _ = reference
+    overrides = _overrides_for(tmp_path, base_dir)
+    ckpts = tmp_path / "artifacts" / "train" / "checkpoints"
+    cmd = [sys.executable, "-m", "tasks.cli", "train", "-p", str(ROOT / "params.yaml")]
+    for o in overrides:
+        cmd += ["-S", o]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while last_complete_checkpoint(ckpts) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_at = checkpoint_step(last_complete_checkpoint(ckpts))
+    assert killed_at is not None and killed_at < 16, "the run was not killed mid-way"
+    assert not (tmp_path / "metrics" / "train.json").exists()
+
+    resumed = run(params_of(overrides))
+    assert resumed["resumed_from_step"] == killed_at
+    assert resumed["steps"] == 16 and resumed["steps_run"] == 16 - killed_at
+    again = loss_csv(tmp_path)
+    assert [int(r["step"]) for r in again] == list(range(1, 17))  # no step twice, none missing
+    # the resume restores weights, optimizer, scheduler, RNG and data order: the same run as never killed
+    assert again == rows and resumed["val_loss"] == metrics["val_loss"]
+
+    # a rerun of a finished run trains nothing and rebuilds the same model
+    done = run(params_of(overrides))
+    assert done["steps"] == 16 and done["steps_run"] == 0 and done["val_loss"] == metrics["val_loss"]
+
+
+def test_lora_changes_only_adapted_layers_and_merges(tmp_path, project):
+    overrides, artifacts = project
+    metrics = run(
+        params_of(
+            overrides,
+            "train.method=lora",
+            "train.lora.target_modules=[q_proj, v_proj]",
+            "train.lora.dropout=0",
+            "train.learning_rate=0.02",
+            "train.max_steps=6",
+        )
+    )
+    changed, unchanged = changed_and_unchanged(artifacts / "pretrain" / "model", artifacts / "train" / "model")
+    adapted = sorted(k for k in changed + unchanged if k.endswith(("q_proj.weight", "v_proj.weight")))
+    assert changed == adapted, "LoRA must change exactly the targeted weights once merged"
+    assert metrics["trainable_params"] < metrics["total_params"]
+    assert (artifacts / "train" / "adapter" / "adapter_config.json").exists()
+    # the merged folder is a plain model: no LoRA tensors left
+    assert not any("lora" in k for k in load_file(artifacts / "train" / "model" / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_zero2_on_cpu_ranks_finishes_with_falling_loss(tmp_path, project, ranks):
+    overrides, _ = project
+    cmd = [sys.executable, "-m", "tasks.cli", "train", "-p", str(ROOT / "params.yaml")]
+    for o in [
+        *overrides,
+        "train.deepspeed_config=configs/deepspeed/zero2.json",
+        f"train.num_processes={ranks}",
+        "train.max_steps=8",
+        "train.save_steps=100",
+        "train.eval_steps=100",
+    ]:
+        cmd += ["-S", o]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = read_json(tmp_path / "metrics" / "train.json")
+    assert metrics["num_processes"] == ranks and metrics["deepspeed_config"].endswith("zero2.json")
+    losses = [float(r["train_loss"]) for r in loss_csv(tmp_path) if r["train_loss"]]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
+    assert metrics["val_loss"] < metrics["base_val_loss"]
+
+
+# --- bad params ---------------------------------------------------------------------------------
+
+
+def test_unknown_lora_target_fails_before_training(tmp_path, project):
+    overrides, artifacts = project
+    with pytest.raises(ParamsError, match=r"train\.lora\.target_modules.*c_attn.*q_proj"):
+        run(params_of(overrides, "train.method=lora", "train.lora.target_modules=[c_attn]"))
+    assert not list((artifacts / "train" / "checkpoints").glob("checkpoint-*"))
+
+
+def test_bad_params_are_named_before_training(tmp_path, project, capsys):
+    overrides, _ = project
+    with pytest.raises(ParamsError, match=r"train\.deepspeed_config: .*nope\.json does not exist"):
+        run(params_of(overrides, f"train.deepspeed_config={tmp_path / 'nope.json'}"))
+    cores = os.cpu_count()
+    with pytest.raises(ParamsError, match=rf"train\.num_processes={cores + 1} .* {cores} CPU core"):
+        run(params_of(overrides, f"train.num_processes={cores + 1}"))
+    # batch size 0 is refused when params load; the CLI exits 2 naming the key
+    args = ["train", "-p", str(ROOT / "params.yaml")] + [a for o in overrides for a in ("-S", o)]
+    assert cli([*args, "-S", "train.batch_size=0"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "artifacts" / "train" / "model").exists()
