@@ -1,9 +1,9 @@
 import math
 
 import pytest
+from conftest import ROOT, sample_rows
 from safetensors.torch import load_file
 
-from conftest import ROOT, sample_rows
 from tasks.config import load_params
 from tasks.errors import StageError
 from tasks.io import read_json, write_json, write_jsonl
@@ -34,7 +34,7 @@ def test_scratch_base_is_pretrained_and_loads_like_a_hub_model(tmp_path, params_
     metrics = run(params)
 
     model_dir = tmp_path / "artifacts" / "pretrain" / "model"
-    model, tok = load_model_and_tokenizer(str(model_dir))
+    _model, tok = load_model_and_tokenizer(str(model_dir))
     # A random init scores about ln(vocab); twenty steps must already beat that clearly.
     assert metrics["val_loss"] < math.log(len(tok)) - 0.5
     assert metrics["steps"] == 20 and metrics["base"] == "scratch"

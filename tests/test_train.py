@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, sample_rows
 from safetensors.torch import load_file
 
-from conftest import ROOT, sample_rows
 from tasks.cli import main as cli
 from tasks.config import ParamsError, load_params
 from tasks.io import read_json, write_jsonl
@@ -111,7 +111,7 @@ def test_label_mask_covers_only_summary_and_eos(tiny_model_dir):
 def test_summary_loss_is_the_mean_over_summary_tokens(tiny_model_dir):
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     rows = sample_rows(5)
-    kwargs = dict(template=TEMPLATE, use_chat_template=True, max_source_length=128, max_target_length=48)
+    kwargs = {"template": TEMPLATE, "use_chat_template": True, "max_source_length": 128, "max_target_length": 48}
     # by hand: sum of per-token losses over every summary token, divided by their count
     total, count = 0.0, 0
     for r in rows:
@@ -161,7 +161,7 @@ def _overrides_for(root, base_dir):
 
 def test_full_finetuning_changes_every_weight_and_beats_the_base(reference, base_dir):
     metrics, rows, root = reference
-    changed, unchanged = changed_and_unchanged(base_dir / "pretrain" / "model", root / "artifacts" / "train" / "model")
+    _changed, unchanged = changed_and_unchanged(base_dir / "pretrain" / "model", root / "artifacts" / "train" / "model")
     assert not unchanged, f"parameters not updated: {unchanged}"
     assert metrics["val_loss"] < metrics["base_val_loss"] - 0.1
     assert metrics["steps"] == 16 and metrics["steps_run"] == 16 and metrics["resumed_from_step"] == 0
@@ -247,7 +247,7 @@ def test_zero2_on_cpu_ranks_finishes_with_falling_loss(tmp_path, project, ranks)
         "train.eval_steps=100",
     ]:
         cmd += ["-S", o]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_json(tmp_path / "metrics" / "train.json")
     assert metrics["num_processes"] == ranks and metrics["deepspeed_config"].endswith("zero2.json")
