@@ -32,18 +32,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _register(model_dir: Path, params, rouge_l: float) -> str:
-    """Register a model folder with a lineage tag and an evaluate metric in its run; return its version."""
+def _register(model_dir: Path, params, rouge_l: float, int8: bool = False) -> tuple[str, str | None]:
+    """Register a model folder with a lineage tag and an evaluate metric in its run, and optionally its
+    int8 variant (quantized with the quantize stage's own functions); return (version, variant URI)."""
     import mlflow
 
-    from tasks.register import log_and_register
+    from tasks.modeling import load_model_and_tokenizer
+    from tasks.quantize import quantize_int8, save_int8
+    from tasks.register import log_and_register, variant_uri_tag
     from tasks.tracking import setup_mlflow
 
     setup_mlflow(params)
+    tags = {"data.sha256": "feed", "model.base": "scratch"}
+    variant_uri = None
     with mlflow.start_run():
         mlflow.log_metric("evaluate.rouge-l", rouge_l)
-        mv = log_and_register(model_dir, params, tags={"data.sha256": "feed", "model.base": "scratch"})
-    return str(mv.version)
+        if int8:
+            model, tokenizer = load_model_and_tokenizer(model_dir)
+            _, tensors, layout = quantize_int8(model)
+            save_int8(tensors, layout, model, tokenizer, model_dir.parent / "int8")
+            mv = log_and_register(model_dir.parent / "int8", params, tags=tags, quantization="int8")
+            variant_uri = f"models:/{mv.name}/{mv.version}"
+            tags[variant_uri_tag("int8")] = variant_uri
+        mv = log_and_register(model_dir, params, tags=tags)
+    return str(mv.version), variant_uri
 
 
 def _second_model(tmp: Path) -> Path:
@@ -68,8 +80,8 @@ def _second_model(tmp: Path) -> Path:
         model(**batch, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    save_model(model, tok, tmp / "model_v2")
-    return tmp / "model_v2"
+    save_model(model, tok, tmp / "v2" / "model")
+    return tmp / "v2" / "model"
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +108,8 @@ def served(tmp_path_factory, tiny_model_dir):
         ])
         test_rows = [{"id": str(i), "text": r["text"][:200], "summary": r["summary"]} for i, r in enumerate(sample_rows(5))]
         write_jsonl(params.paths.stage_dir("split") / "test.jsonl", test_rows)
-        v1 = _register(tiny_model_dir, params, rouge_l=12.5)
-        v2 = _register(_second_model(tmp), params, rouge_l=13.5)
+        v1, _ = _register(tiny_model_dir, params, rouge_l=12.5)
+        v2, v2_int8 = _register(_second_model(tmp), params, rouge_l=13.5, int8=True)
         client = MlflowClient()
         client.set_registered_model_alias(params.register.model_name, "champion", v1)
 
@@ -110,7 +122,7 @@ def served(tmp_path_factory, tiny_model_dir):
         try:
             yield {
                 "params": params, "server": server, "url": url, "client": Client(url, verbose=False),
-                "mlflow": client, "v1": v1, "v2": v2, "texts": [r["text"] for r in test_rows], "tmp": tmp,
+                "mlflow": client, "v1": v1, "v2": v2, "v2_int8": v2_int8, "texts": [r["text"] for r in test_rows], "tmp": tmp,
             }
         finally:
             app.close()
@@ -234,21 +246,25 @@ def test_moving_the_alias_hot_reloads_the_app(served, browser):
     """Runs last in the module: it leaves version 2 serving. An open page's panel follows the alias."""
     from playwright.sync_api import expect
 
-    client, name, text = served["client"], served["params"].register.model_name, served["texts"][2]
+    client, text = served["client"], served["texts"][2]
     before = client.predict(text, api_name="/summarize")
-    expected = _predict(f"models:/{name}/{served['v2']}", [text])[0]
+    # serve.variant_cpu is int8 and version 2 has one: the app serves that registered variant
+    expected = _predict(served["v2_int8"], [text])[0]
     assert expected != before, "the two tiny models must write different summaries for this test to mean anything"
     page = browser.new_page()
     try:
         page.goto(served["url"])
         expect(page.locator("#model-info")).to_contain_text(f"version {served['v1']}", timeout=30_000)
-        served["mlflow"].set_registered_model_alias(name, "champion", served["v2"])
+        served["mlflow"].set_registered_model_alias(served["params"].register.model_name, "champion", served["v2"])
         deadline = time.monotonic() + 60
         while client.predict(api_name="/model_info")["version"] != served["v2"]:
             assert time.monotonic() < deadline, "the app did not switch to the new champion"
             time.sleep(POLL_SECONDS / 2)
+        info = client.predict(api_name="/model_info")
+        assert (info["variant"], info["uri"], info["note"]) == ("int8", served["v2_int8"], None)
         assert client.predict(text, api_name="/summarize") == expected
         expect(page.locator("#model-info")).to_contain_text(f"version {served['v2']}", timeout=30_000)
+        expect(page.locator("#model-info")).to_contain_text(served["v2_int8"])
     finally:
         page.close()
 
