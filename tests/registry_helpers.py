@@ -11,11 +11,20 @@ import pytest
 from tasks.io import file_sha256, write_json, write_jsonl
 
 
+_STORE_ROOT: list[Path] = []  # one sqlite store per test session: creating its tables takes seconds
+
+
 @contextmanager
-def sqlite_store(root: Path):
-    """Point MLflow at a fresh sqlite store under `root` (via MLFLOW_TRACKING_URI) for a module's tests."""
+def sqlite_store(tmp_path_factory):
+    """Point MLflow (via MLFLOW_TRACKING_URI) at the session's sqlite store in a tmp dir, for a module's tests.
+
+    Modules share the store but not model names, so their versions and aliases never meet.
+    """
     import mlflow
 
+    if not _STORE_ROOT:
+        _STORE_ROOT.append(tmp_path_factory.mktemp("mlflow"))
+    root = _STORE_ROOT[0]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         yield root

@@ -16,7 +16,7 @@ BASE = [30.0 + (i % 3) for i in range(len(ROWS))]
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    with sqlite_store(tmp_path_factory.mktemp("mlflow")) as root:
+    with sqlite_store(tmp_path_factory) as root:
         yield root
 
 
@@ -54,7 +54,12 @@ def test_gate_promotes_only_a_significantly_better_model(store, tiny_overrides, 
     assert first["decision"] == "champion" and first["reason"] == "no champion yet"
 
     v2 = _register(params, tiny_model_dir, [s + 8 + (i % 2) for i, s in enumerate(BASE)])
-    better = promote.run(params)
+    import mlflow
+
+    with mlflow.start_run() as run:  # the flow's run: the decision and its figures go there too
+        better = promote.run(params)
+    recorded = mlflow.MlflowClient().get_run(run.info.run_id).data
+    assert recorded.tags["promote.decision"] == "champion" and recorded.metrics["promote.delta"] == pytest.approx(8.5)
     assert better["decision"] == "champion" and better["previous_champion"] == v1
     assert better["delta"] == pytest.approx(8.5) and better["low"] > 0
     assert _aliases("gate") == {"champion": v2, "challenger": v2}
@@ -84,8 +89,11 @@ def test_gate_promotes_only_a_significantly_better_model(store, tiny_overrides, 
     assert _aliases("gate")["champion"] == v5
 
 
-def test_forced_promotion_and_rollback(store, tiny_overrides, tiny_model_dir):
+def test_forced_promotion_and_rollback(store, tiny_overrides, tiny_model_dir, capsys):
+    import json
+
     from tasks import promote
+    from tasks.cli import main
     from tasks.errors import StageError
 
     params = _params(tiny_overrides, "manual")
@@ -94,8 +102,13 @@ def test_forced_promotion_and_rollback(store, tiny_overrides, tiny_model_dir):
     v2 = _register(params, tiny_model_dir, [s - 5 for s in BASE])
     assert promote.run(params)["decision"] == "challenger"
 
-    forced = promote.run(params, version=v2)
+    argv = ["-p", str(ROOT / "params.yaml"), *[f"-S{o}" for o in tiny_overrides], "-Sregister.model_name=manual"]
+    capsys.readouterr()
+    assert main(["promote", *argv, "--version", str(v2)]) == 0  # `sftflow promote --version N`
+    forced = json.loads(capsys.readouterr().out)
     assert forced["manual"] is True and _aliases("manual")["champion"] == v2
+    assert main(["lineage", *argv, "champion"]) == 0
+    assert f"manual version {v2}" in capsys.readouterr().out
     assert _tags("manual", v2)["promote.manual"] == "true"
 
     back = promote.rollback(params)

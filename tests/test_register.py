@@ -18,7 +18,7 @@ ROWS = sample_rows(130)[120:130]  # not in tiny_data: held-out "test" rows
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    with sqlite_store(tmp_path_factory.mktemp("mlflow")) as root:
+    with sqlite_store(tmp_path_factory) as root:
         yield root
 
 
