@@ -156,9 +156,11 @@ def _run_metrics(client: Any, run_id: str | None) -> dict[str, float]:
     """The evaluate/quantize metrics of the run that logged the version ({} when it is gone)."""
     if not run_id:
         return {}
+    from mlflow.exceptions import MlflowException
+
     try:
         run = client.get_run(run_id)
-    except Exception as e:  # the panel is informative only; a deleted run must not stop serving
+    except MlflowException as e:  # the panel is informative only; a deleted run must not stop serving
         log.warning("cannot read the metrics of run %s: %s", run_id, e)
         return {}
     return {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(METRIC_PREFIXES)}
@@ -197,14 +199,16 @@ class ChampionServer:
 
     def champion_version(self) -> Any:
         """The `ModelVersion` the alias points at now."""
+        from mlflow.exceptions import MlflowException
+
         name = self.params.register.model_name
         try:
             return self.client.get_model_version_by_alias(name, CHAMPION)
-        except Exception as e:
+        except MlflowException as e:
+            store = os.environ.get("MLFLOW_TRACKING_URI") or "unset: the project's mlflow.db"
             raise StageError(
-                f"registered model {name!r} has no alias {CHAMPION!r} in the MLflow store "
-                f"(MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI', '(unset: the default store)')}): "
-                f"run `sftflow register` and `sftflow promote` first ({e})"
+                f"cannot find alias {CHAMPION!r} of registered model {name!r} (MLFLOW_TRACKING_URI={store}): {e}. "
+                "If no model is champion yet, run `sftflow register` and `sftflow promote` first"
             ) from e
 
     def refresh(self) -> bool:
@@ -263,7 +267,7 @@ def summarize(served: ServedVersion, text: str) -> str:
     import pandas as pd
 
     result = served.pyfunc.predict(pd.DataFrame({"text": [text]}))
-    return str(list(result)[0])
+    return str(next(iter(result)))
 
 
 def prompt_ids(tokenizer: Any, text: str, settings: dict[str, Any]) -> list[int]:
@@ -291,13 +295,13 @@ def stream_summary(served: ServedVersion, text: str, max_new_tokens: int) -> Ite
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     config = _greedy_config(model, tokenizer, int(max_new_tokens))
-    failure: list[BaseException] = []
+    failure: list[Exception] = []
 
     def work() -> None:
         try:
             with torch.inference_mode():
                 model.generate(**enc, generation_config=config, streamer=streamer)
-        except BaseException as e:  # handed to the request thread below; end() unblocks its loop
+        except Exception as e:  # noqa: BLE001 - re-raised in the request thread below; end() unblocks its loop
             failure.append(e)
             streamer.end()
 

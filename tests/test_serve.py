@@ -6,6 +6,7 @@ hot-reload test moves the alias, so it runs last.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import socket
 import time
@@ -13,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, sample_rows
+
 from tasks.errors import StageError
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -218,7 +219,7 @@ def test_stream_grows_token_by_token_and_ends_at_the_api_result(served):
     v2 = load_version(params, client, client.get_model_version(params.register.model_name, served["v2"]))
     text = served["texts"][0]
     chunks = list(stream_summary(v2, text, max_new_tokens=params.evaluate.max_new_tokens))
-    assert len(chunks) > 1 and all(b.startswith(a) for a, b in zip(chunks, chunks[1:]))
+    assert len(chunks) > 1 and all(b.startswith(a) for a, b in itertools.pairwise(chunks))
     assert chunks[-1] == summarize(v2, text)
     # the page's "max new tokens" setting bounds the summary (one character per token here)
     assert len(list(stream_summary(v2, text, max_new_tokens=3))[-1]) == 3
@@ -240,6 +241,15 @@ def test_requests_in_flight_keep_their_version_across_a_swap(served):
         served["mlflow"].set_registered_model_alias(served["params"].register.model_name, "champion", served["v1"])
         server.refresh()
     assert server.current.version == served["v1"]
+
+
+def test_no_champion_is_a_clear_error(served):
+    from tasks.serve import ChampionServer
+
+    params = served["params"].model_copy(deep=True)
+    params.register.model_name = "never-registered"
+    with pytest.raises(StageError, match="cannot find alias 'champion' of registered model 'never-registered'.*sftflow promote"):
+        ChampionServer(params, client=served["mlflow"]).start()
 
 
 def test_moving_the_alias_hot_reloads_the_app(served, browser):
@@ -297,18 +307,9 @@ def test_variant_comes_from_the_version_tag_or_full_precision_with_a_note(tiny_p
     assert resolve_variant(tiny_params, bare, "cuda") == ("bf16", f"models:/{name}/3", None)
 
 
-def test_no_champion_is_a_clear_error(tmp_path, monkeypatch, tiny_params):
-    from tasks.serve import ChampionServer
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
-    with pytest.raises(StageError, match="sftflow promote"):
-        ChampionServer(tiny_params).start()
-
-
 def test_run_binds_localhost_without_share_and_reads_auth(monkeypatch, tiny_params):
     """`run` wiring: 127.0.0.1 by default, --host wins, auth from the env var, never a share link."""
-    import tasks.serve as serve
+    from tasks import serve
 
     launched = {}
 
