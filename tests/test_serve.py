@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, sample_rows
+from registry_helpers import sqlite_store
 
 from tasks.errors import StageError
 
@@ -96,10 +97,11 @@ def served(tmp_path_factory, tiny_model_dir):
     from tasks.serve import ChampionServer, build_app
 
     tmp = tmp_path_factory.mktemp("serve")
-    with pytest.MonkeyPatch.context() as mp:
+    # The session's sqlite store (its tables take seconds to create); this module's own model name.
+    with sqlite_store(tmp_path_factory), pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # MLflow puts run artifacts under ./mlruns when the URI is a server/sqlite
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
         params = load_params(ROOT / "params.yaml", [
+            "register.model_name=serve-app",
             f"paths.artifacts={tmp / 'artifacts'}",
             f"paths.metrics={tmp / 'metrics'}",
             f"paths.plots={tmp / 'plots'}",
