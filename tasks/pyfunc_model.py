@@ -62,7 +62,7 @@ class SummarizerModel(PythonModel):
         log.info("loaded summariser from %s (quantization: %s)", model_dir, settings.get("quantization"))
 
     # No type hints on predict: MLflow 3 would build its input validation from them.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(self, context, model_input, params=None):
         """One greedy summary per row of `model_input` (a DataFrame with `text`, or a list of str)."""
         from tasks.generation import generate
 

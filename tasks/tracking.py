@@ -107,9 +107,7 @@ def flatten_metrics(obj: Any, prefix: str) -> dict[str, float]:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{key}.{k}", v)
-        elif isinstance(value, bool):
-            out[key] = float(value)
-        elif isinstance(value, (int, float)) and math.isfinite(value):
+        elif isinstance(value, bool) or isinstance(value, (int, float)) and math.isfinite(value):
             out[key] = float(value)
 
     walk(prefix, obj)

@@ -10,7 +10,6 @@ import pytest
 
 from tasks.io import file_sha256, write_json, write_jsonl
 
-
 _STORE_ROOT: list[Path] = []  # one sqlite store per test session: creating its tables takes seconds
 
 

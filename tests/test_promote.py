@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from conftest import ROOT, sample_rows
 from registry_helpers import build_upstream, sqlite_store
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, sample_rows
 from registry_helpers import build_upstream, sqlite_store
 
@@ -35,7 +34,7 @@ def test_register_records_lineage_and_safetensors_only(store, tiny_overrides, ti
     from tasks.io import file_sha256
 
     def git_head():
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     params = _params(tiny_overrides, "reg-lineage")
     build_upstream(params, tiny_model_dir, ROWS, [30.0 + i for i in range(len(ROWS))])
@@ -110,7 +109,7 @@ def test_champion_loads_in_fresh_process_and_matches_evaluate(store, tiny_overri
         "print('ATTRS' + json.dumps([type(inner.model).__name__, inner.settings['language']]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(texts), capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], check=False, input=json.dumps(texts), capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
