@@ -375,6 +375,7 @@ def _train(params: Params, base_dir: Path, split_dir: Path, ckpt_dir: Path, thre
         "trainable_params": trainable,
         "total_params": total,
         "peak_rss_mb": peak_rss_mb(),
+        "gpu_peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None,
         "train_truncated_source": train_cuts["truncated_source"],
         "train_truncated_target": train_cuts["truncated_target"],
         "val_truncated_source": val_cuts["truncated_source"],

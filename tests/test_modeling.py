@@ -38,3 +38,26 @@ def test_atomic_write_gives_normal_permissions_and_leaves_no_temp(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
     assert [p.name for p in target.parent.iterdir()] == ["x.txt"]
+
+
+def test_linear_module_names_are_what_lora_can_target(tiny_model_dir):
+    from tasks.modeling import linear_module_names
+
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    names = linear_module_names(model)
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(names)
+    assert "embed_tokens" not in names
+
+
+def test_loss_curve_rows_merge_train_and_validation_logs(tmp_path):
+    from tasks.modeling import loss_rows, write_loss_curve
+
+    history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.75}, {"step": 2, "train_runtime": 1}]
+    rows = loss_rows(history)
+    assert rows == [
+        {"step": 1, "train_loss": 3.0, "val_loss": None},
+        {"step": 2, "train_loss": 2.5, "val_loss": 2.75},
+    ]
+    write_loss_curve(rows, tmp_path / "loss.csv", tmp_path / "loss.png", "t")
+    assert (tmp_path / "loss.csv").read_text() == "step,train_loss,val_loss\n1,3,\n2,2.5,2.75\n"
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
