@@ -184,7 +184,8 @@ class ChampionServer:
             client = MlflowClient()
         self.params = params
         self.client = client
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the reference only; requests never wait on a load
+        self._refresh_lock = threading.Lock()  # one load at a time, so an older alias never lands last
         self._current: ServedVersion | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -213,14 +214,15 @@ class ChampionServer:
 
     def refresh(self) -> bool:
         """Load the champion if it changed since the last look; return True when it was swapped in."""
-        target = self.champion_version()
-        with self._lock:
-            serving = self._current.version if self._current else None
-        if serving == str(target.version):
-            return False
-        new = load_version(self.params, self.client, target)  # outside the lock: requests go on meanwhile
-        with self._lock:
-            self._current = new
+        with self._refresh_lock:
+            target = self.champion_version()
+            with self._lock:
+                serving = self._current.version if self._current else None
+            if serving == str(target.version):
+                return False
+            new = load_version(self.params, self.client, target)  # outside _lock: requests go on meanwhile
+            with self._lock:
+                self._current = new
         log.info("serving %s version %s (%s, %s)", self.params.register.model_name, new.version, new.variant, new.uri)
         return True
 
