@@ -18,18 +18,20 @@ Methods:
 - `bnb-int8`, `bnb-nf4` (CUDA): bitsandbytes LLM.int8() and 4-bit NF4 through transformers'
   `BitsAndBytesConfig`, saved with `save_pretrained` (safetensors), `device_map="auto"`.
 
-Why this int8 path (measured with `python -m bench.quantize`, default-shaped model, 32 test rows,
-batch 32, 48 new tokens, 1 thread, ratios of CPU time against fp32 in the same run):
+Why this int8 path (`python -m bench.quantize`: default-shaped model, 32 rows, batch 32, 48 new
+tokens, 1 torch thread; CPU time ÷ fp32 in the same run, best of 3 interleaved passes; size ÷ fp32):
 
-- torchao 0.18 `Int8WeightOnlyConfig`: 1.41x *slower*; `Int8DynamicActivationInt8WeightConfig`: 1.54x
-  slower. On CPU in eager mode torchao's `Int8Tensor` converts the int8 weight back to float (or calls
-  `torch._int_mm`) on every matmul; its fast CPU kernels need `torch.compile` or a torchao build with
-  its C++ CPU ops, neither of which the shipped wheel has here.
-- optimum-quanto 0.2.7 `qint8` weights: dequantizes before the float matmul too (its int8 CPU kernel
-  is only used for bf16 activations), and its int8 activations break transformers 5 generation
-  (`_to_copy()` on a quantized logits tensor). Its last release is from early 2025.
-- PyTorch dynamic quantization: 0.76-0.88x the fp32 time, the only one faster, because it runs a real
-  int8 GEMM (about 1.5-3x faster per matmul than fp32 at these shapes). Its Python entry point
+- torchao 0.18 `Int8WeightOnlyConfig`: time x1.05 (x1.41 in an earlier wall-clock run), size x0.48;
+  `Int8DynamicActivationInt8WeightConfig`: time x1.44-1.54, size x0.48. On CPU in eager mode
+  torchao's `Int8Tensor` converts the int8 weight back to float (or calls `torch._int_mm`) on every
+  matmul; its fast CPU kernels need `torch.compile` or a torchao build with its C++ CPU ops, which the
+  wheel here lacks. The tied embedding stays fp32, hence only x0.48.
+- optimum-quanto 0.2.7 `qint8` weights: time x1.14, size x0.48: it dequantizes before the float matmul
+  too (its int8 CPU kernel serves only bf16 activations), and its int8 activations break transformers 5
+  generation (`_to_copy()` on a quantized logits tensor). Its last release is from early 2025.
+- PyTorch dynamic quantization (ours): time x0.76-0.91, the only one faster, because it runs a real
+  int8 GEMM (1.5-3x faster per matmul than fp32 at these shapes), and size x0.25 because the tied
+  embedding / lm_head matrix is stored once in int8 too. Its Python entry point
   `torch.ao.quantization.quantize_dynamic` is deprecated in favour of torchao (pytorch/ao#2259), so we
   do not call it: we build the quantized modules from our own safetensors tensors through the module
   class and the public `torch.quantize_per_channel`, the kernels stay those of torch itself. Torch
@@ -38,6 +40,10 @@ batch 32, 48 new tokens, 1 thread, ratios of CPU time against fp32 in the same r
   int8 weights with one float32 scale per output channel are exactly torchao's `Int8Tensor` (`qdata`,
   `scale`), so when torch drops qint8 only `apply_int8` changes (to torchao, or to whatever int8 CPU
   kernel is then fastest), not the saved variants.
+
+Caveat: the stage itself, at 2 threads on a shared 2-core machine at load ~7, measured wall x1.23 and
+CPU time x1.01 for int8 (64 rows); both are written (`latency_ratio`, `cpu_time_ratio`) because on a
+busy machine either alone misleads.
 """
 
 from __future__ import annotations
