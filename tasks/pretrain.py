@@ -126,7 +126,10 @@ def run(params: Params) -> dict[str, Any]:
         tokenizer = train_tokenizer(corpus + [params.data.prompt_template], params.model.tokenizer, params.model.vocab_size)
         model = build_scratch_model(params.model, tokenizer)
     else:
-        model, tokenizer = load_model_and_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
+        # Training wants fp32 master weights; a base passed through untouched keeps its own dtype (bf16 halves the copy).
+        model, tokenizer = load_model_and_tokenizer(
+            base, trust_remote_code=params.model.trust_remote_code, dtype=None if cfg.enabled else "auto"
+        )
     _trainable, total = count_parameters(model)
     stats = tokenizer_stats(tokenizer, [r["text"] for r in val_rows] + [r["summary"] for r in val_rows])
     log.info("base %s (from %s): %.2fM parameters; tokenizer %s", base, base_source, total / 1e6, stats)
