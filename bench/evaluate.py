@@ -1,0 +1,88 @@
+"""Batched vs one-by-one generation: rows/s of `tasks.generation.generate` on the same model and rows.
+
+The model is a scratch decoder of the default shape (params.yaml `model:`) with a character tokenizer
+trained on the demo data; its weights are drawn with a large std so that each row gets a different
+summary (a freshly initialised model writes the same character everywhere, and the equality check
+below would then prove nothing). Generation settings are the shipped defaults except the batch
+size (16 rows, one batch, instead of evaluate.batch_size = 32).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH_SIZE = 16
+ROWS = 16  # one-by-one dominates the run: 16 rows keep the bench under ~2 minutes on 2 shared cores
+
+
+def _rows(n: int) -> list[dict]:
+    rows = []
+    with (ROOT / "data" / "sample" / "zh_summ.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            rows.append(json.loads(line))
+    return rows[:n], rows
+
+
+def main() -> dict:
+    """Time batched and one-by-one generation on the same rows; assert identical text; return the ratio."""
+    import torch
+
+    from tasks.config import Params
+    from tasks.generation import generate
+    from tasks.io import set_seed
+    from tasks.modeling import build_scratch_model, train_tokenizer
+
+    params = Params()
+    set_seed(0)
+    rows, corpus = _rows(ROWS)
+    tokenizer = train_tokenizer(
+        [r["text"] for r in corpus] + [r["summary"] for r in corpus], kind="char", vocab_size=params.model.vocab_size
+    )
+    model = build_scratch_model(params.model, tokenizer)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1, generator=g)
+    texts = [r["text"] for r in rows]
+    kw = dict(
+        prompt_template=params.data.prompt_template,
+        use_chat_template=params.data.use_chat_template,
+        max_new_tokens=params.evaluate.max_new_tokens,
+        max_source_length=params.train.max_source_length,
+    )
+    generate(model, tokenizer, texts[:2], batch_size=2, **kw)  # warm-up: first-call allocations
+
+    start = time.perf_counter()
+    batched = generate(model, tokenizer, texts, batch_size=BATCH_SIZE, **kw)
+    batched_s = time.perf_counter() - start
+    start = time.perf_counter()
+    single = generate(model, tokenizer, texts, batch_size=1, **kw)
+    single_s = time.perf_counter() - start
+
+    assert batched == single, "batched generation must give the same text as one-by-one"
+    distinct = len(set(batched))
+    new_tokens = sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in batched)
+    ratio = single_s / batched_s
+    result = {
+        "name": "evaluate: batched / one-by-one rows/s",
+        "ratio": round(ratio, 2),
+        "baseline": f"one-by-one: {ROWS / single_s:.2f} rows/s",
+        "target": ">= 5x",
+        "note": (
+            f"batched (batch {BATCH_SIZE}): {ROWS / batched_s:.2f} rows/s; {ROWS} rows, "
+            f"{new_tokens} new tokens, {distinct} distinct outputs, identical text; "
+            f"{torch.get_num_threads()} torch threads"
+        ),
+        "rows_per_s_batched": ROWS / batched_s,
+        "rows_per_s_single": ROWS / single_s,
+    }
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
