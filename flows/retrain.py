@@ -126,10 +126,15 @@ def _tool(name: str) -> str:
     return found
 
 
-def _subprocess_env() -> dict[str, str]:
-    """Env for stage subprocesses: the venv first on PATH (dvc.yaml runs `sftflow <stage>`), unbuffered output."""
+def _subprocess_env(root: Path) -> dict[str, str]:
+    """Env for stage subprocesses: the venv first on PATH (dvc.yaml runs `sftflow <stage>`), unbuffered output.
+
+    The project root goes first on PYTHONPATH so a stage runs the code of the project it belongs to
+    (the one DVC hashed as the stage's deps), not whichever checkout the venv was installed from.
+    """
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("DVC_NO_ANALYTICS", "1")
     return env
@@ -260,7 +265,7 @@ def run_dvc_stage(stage: str, root: str) -> dict[str, Any]:
         saw_running = saw_running or line.startswith(f"Running stage '{stage}'")
         log.info("%s", line)
 
-    rc, tail = stream_command(cmd, cwd=root_path, emit=emit, env=_subprocess_env())
+    rc, tail = stream_command(cmd, cwd=root_path, emit=emit, env=_subprocess_env(root_path))
     seconds = round(time.monotonic() - started, 2)
     if rc != 0:
         excerpt = "\n".join(tail[-15:])
@@ -294,7 +299,7 @@ def _mlflow_run(run_id: str) -> Iterator[None]:
         mlflow.end_run(status="RUNNING")
 
 
-@task(name="check-trigger", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="check-trigger", task_run_name="check-trigger", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def check_trigger(params: Params, force: bool) -> dict[str, Any]:
     """The data-change trigger: compare the raw data hash and params hash with the champion's tags.
 
@@ -361,7 +366,7 @@ def registered_version_for_model(params: Params, model_sha256: str) -> Any:
     return None
 
 
-@task(name="log-to-mlflow", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="log-to-mlflow", task_run_name="log-to-mlflow", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def log_to_mlflow(params: Params, run_id: str) -> None:
     """Log params, every stage's metrics/plots/reports, the resolved params.yaml and dvc.lock to the run."""
     from tasks.tracking import log_params, log_run_files, log_stage
@@ -372,7 +377,7 @@ def log_to_mlflow(params: Params, run_id: str) -> None:
     log_run_files(params, run_id)
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="register", task_run_name="register", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def register(params: Params, run_id: str, flow_run_id: str | None) -> dict[str, Any]:
     """Register the fine-tuned model (and quantized variants) as new versions, inside the flow's MLflow run."""
     from mlflow import MlflowClient
@@ -389,7 +394,7 @@ def register(params: Params, run_id: str, flow_run_id: str | None) -> dict[str, 
         return tasks.register.run(params, flow_run_id=flow_run_id)
 
 
-@task(name="promote", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="promote", task_run_name="promote", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def promote(params: Params, run_id: str) -> dict[str, Any]:
     """Gate the newest version to `champion` (or leave it `challenger`), inside the flow's MLflow run."""
     import tasks.promote
@@ -398,11 +403,11 @@ def promote(params: Params, run_id: str) -> dict[str, Any]:
         return tasks.promote.run(params)
 
 
-@task(name="push", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="push", task_run_name="push", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def push(root: str) -> None:
     """`dvc push`: copy the run's outputs to the DVC remote, so the registered version's data can be pulled."""
     log = _logger()
-    rc, tail = stream_command([_tool("dvc"), "push"], cwd=Path(root), emit=lambda line: log.info("%s", line), env=_subprocess_env())
+    rc, tail = stream_command([_tool("dvc"), "push"], cwd=Path(root), emit=lambda line: log.info("%s", line), env=_subprocess_env(Path(root)))
     if rc != 0:
         excerpt = "\n".join(tail[-10:])
         raise StageError(f"dvc push failed (exit code {rc}); local results are kept. Its last output:\n{excerpt}")
@@ -450,7 +455,17 @@ def summary_markdown(result: dict[str, Any], params: Params) -> str:
     lines += ["## Test-split scores (F1 × 100)", "", metrics_table(params), ""]
     promotion = result.get("promotion")
     if promotion:
-        lines += ["## Promotion", "", "```json", json.dumps(promotion, ensure_ascii=False, indent=2, default=str), "```", ""]
+        lines += [
+            "## Promotion",
+            "",
+            f"Decision: **{promotion.get('decision', '?')}** for version {promotion.get('version', '?')}; "
+            f"champion: version {promotion.get('champion', '?')} ({promotion.get('reason', 'no reason given')})",
+            "",
+            "```json",
+            json.dumps(promotion, ensure_ascii=False, indent=2, default=str),
+            "```",
+            "",
+        ]
     if result.get("registered_version") is not None:
         lines.append(f"Registered: `{params.register.model_name}` version {result['registered_version']}")
     if result.get("champion") is not None:
@@ -604,5 +619,6 @@ def main(params_path: Path | str = DEFAULT_PARAMS_FILE, overrides: list[str] | N
     params = load_params(params_path)
     print()
     print(result["summary"])
+    print(f"retrain {result['status']} in {result['seconds']:.0f} s")
     print(next_steps(params))
     return 0

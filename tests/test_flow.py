@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks.config import load_params
 from tasks.errors import StageError
@@ -79,6 +78,17 @@ def test_metrics_table_reads_the_stage_files(tmp_path):
     assert "| quantized int8 | – | – | 30.90 | – |" in lines
 
 
+def test_retries_only_on_io_tasks():
+    from flows import retrain
+
+    for name in retrain.DVC_STAGES:
+        assert retrain.STAGE_TASKS[name].retries == 0, name  # training is never retried
+        assert retrain.STAGE_TASKS[name].name == name  # the Prefect task carries the stage's name
+    for io_task in (retrain.register, retrain.promote, retrain.push, retrain.log_to_mlflow, retrain.check_trigger):
+        assert io_task.retries == retrain.IO_RETRIES > 0
+        assert io_task.retry_delay_seconds == [2, 4, 8]  # exponential backoff
+
+
 # ------------------------------------------------------------------------ the flow, end to end
 
 
@@ -111,6 +121,7 @@ def _tiny_overrides(data_rel: str) -> list[str]:
 def project(tmp_path_factory):
     """A git+DVC copy of the project (tracked and new files) with tiny data and params, MLflow in tmp."""
     from conftest import sample_rows
+
     from flows.retrain import write_overrides
 
     dest = tmp_path_factory.mktemp("project")
@@ -196,7 +207,7 @@ def test_flow_cold_run_registers_and_promotes(project, harness):
     assert (project / "dvc.lock").exists()
     # `dvc status` agrees: the flow ran DVC's stages, so DVC alone sees nothing stale.
     dvc = Path(sys.executable).parent / "dvc"
-    status = subprocess.run([str(dvc), "status"], cwd=project, capture_output=True, text=True)
+    status = subprocess.run([str(dvc), "status"], cwd=project, capture_output=True, text=True, check=False)
     assert "up to date" in status.stdout, status.stdout + status.stderr
 
 
@@ -211,14 +222,18 @@ def test_flow_rerun_unchanged_says_nothing_changed(project, harness):
 
 @pytest.mark.slow
 def test_flow_evaluate_change_reruns_evaluate_onwards(project, harness):
-    result = _run_flow(project, overrides=["evaluate.max_new_tokens=6"], force=False)
+    # bootstrap_samples is read by evaluate only (quantize reads evaluate.max_new_tokens/batch_size).
+    result = _run_flow(project, overrides=["evaluate.bootstrap_samples=40"])
     ran = {s["stage"]: s["ran"] for s in result["stages"]}
     assert ran == {"validate": False, "split": False, "select": False, "pretrain": False, "train": False,
-                   "evaluate": True, "quantize": True}, ran
-    # The registered model carries the generation settings and the new scores: a new version.
+                   "evaluate": True, "quantize": False}, ran
+    assert "parameters changed since champion v1" in result["reason"]
+    # The registered model carries the new scores and params: a new version, gated against v1.
     assert result["status"] == "registered"
     assert _versions() == [1, 2]
     assert result["promotion"]["version"] == 2
+    states = _task_states(result["flow_run_id"])
+    assert states["register"] == states["promote"] == "COMPLETED"
 
 
 @pytest.mark.slow
