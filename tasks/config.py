@@ -182,8 +182,11 @@ class SplitConfig(Section):
 class SelectConfig(Section):
     """Score candidate bases on validation rows and keep the best."""
 
-    rows: int = Field(default=64, gt=0)
-    metric: Literal["loss", "rouge-l"] = "loss"
+    rows: int = Field(default=64, gt=0, description="First N val rows each candidate is scored on.")
+    metric: Literal["loss", "rouge-l"] = Field(
+        default="loss",
+        description="loss: summary loss per character (lower wins; fair across tokenizers); rouge-l: zero-shot ROUGE-L.",
+    )
 
 
 class PretrainConfig(Section):
