@@ -458,8 +458,10 @@ def summary_markdown(result: dict[str, Any], params: Params) -> str:
         lines += [
             "## Promotion",
             "",
-            f"Decision: **{promotion.get('decision', '?')}** for version {promotion.get('version', '?')}; "
-            f"champion: version {promotion.get('champion', '?')} ({promotion.get('reason', 'no reason given')})",
+            (
+                f"Decision: **{promotion.get('decision', '?')}** for version {promotion.get('version', '?')}; "
+                f"champion: version {promotion.get('champion', '?')} ({promotion.get('reason', 'no reason given')})"
+            ),
             "",
             "```json",
             json.dumps(promotion, ensure_ascii=False, indent=2, default=str),
