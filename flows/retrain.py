@@ -617,6 +617,9 @@ def main(params_path: Path | str = DEFAULT_PARAMS_FILE, overrides: list[str] | N
     Raises:
         ParamsError, StageError: bad parameters or a failed stage (the CLI prints them, exit 2 / 1).
     """
+    # The temporary server's telemetry heartbeat races its own fresh sqlite file ("database is locked"
+    # tracebacks in the output) and would phone home: off unless the user set it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     result = retrain(params_path=str(params_path), overrides=list(overrides or []), force=force)
     params = load_params(params_path)
     print()
