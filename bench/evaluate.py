@@ -49,12 +49,12 @@ def main() -> dict:
             if p.dim() == 2:
                 p.normal_(0, 0.1, generator=g)
     texts = [r["text"] for r in rows]
-    kw = dict(
-        prompt_template=params.data.prompt_template,
-        use_chat_template=params.data.use_chat_template,
-        max_new_tokens=params.evaluate.max_new_tokens,
-        max_source_length=params.train.max_source_length,
-    )
+    kw = {
+        "prompt_template": params.data.prompt_template,
+        "use_chat_template": params.data.use_chat_template,
+        "max_new_tokens": params.evaluate.max_new_tokens,
+        "max_source_length": params.train.max_source_length,
+    }
     generate(model, tokenizer, texts[:2], batch_size=2, **kw)  # warm-up: first-call allocations
 
     start = time.perf_counter()

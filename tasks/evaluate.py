@@ -24,7 +24,15 @@ from typing import Any
 from tasks.config import Params
 from tasks.errors import StageError
 from tasks.generation import generate
-from tasks.io import dir_sha256, file_sha256, read_json, read_jsonl, sha256_bytes, write_json, write_jsonl
+from tasks.io import (
+    dir_sha256,
+    file_sha256,
+    read_json,
+    read_jsonl,
+    sha256_bytes,
+    write_json,
+    write_jsonl,
+)
 from tasks.scoring import METRICS, paired_bootstrap, score, score_row
 
 log = logging.getLogger(__name__)
@@ -83,7 +91,7 @@ def _cache_write(params: Params, key: str, rows: Sequence[dict[str, Any]], predi
     write_json(path, {"ids": [r["id"] for r in rows], "predictions": predictions})
 
 
-def _device_model(model: Any) -> Any:
+def place_on_device(model: Any) -> Any:
     """The model on the GPU when there is one (generation is the stage's cost)."""
     import torch
 
@@ -129,7 +137,7 @@ def predict(
         return cached
     if is_dir:
         model, tokenizer = load_model_and_tokenizer(model, trust_remote_code=params.model.trust_remote_code)
-        model = _device_model(model)
+        model = place_on_device(model)
     elif tokenizer is None:
         raise StageError("predict got a loaded model without its tokenizer")
     settings = generation_settings(params)

@@ -25,7 +25,14 @@ from typing import Any
 
 from tasks.config import Params
 from tasks.errors import StageError
-from tasks.io import dir_sha256, file_sha256, read_jsonl, set_seed, sha256_bytes, write_json
+from tasks.io import (
+    dir_sha256,
+    file_sha256,
+    read_jsonl,
+    set_seed,
+    sha256_bytes,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +107,12 @@ def _val_rows(params: Params) -> list[dict[str, Any]]:
 
 def _load_candidate(name: str, params: Params) -> tuple[Any, Any, str | None]:
     """(model, tokenizer, content hash or None) of a candidate; StageError when it cannot load."""
-    from tasks.evaluate import _device_model
-    from tasks.modeling import build_scratch_model, load_model_and_tokenizer, train_tokenizer
+    from tasks.evaluate import place_on_device
+    from tasks.modeling import (
+        build_scratch_model,
+        load_model_and_tokenizer,
+        train_tokenizer,
+    )
 
     if name == SCRATCH:
         train_path = params.paths.stage_dir("split") / "train.jsonl"
@@ -120,10 +131,10 @@ def _load_candidate(name: str, params: Params) -> tuple[Any, Any, str | None]:
             {"train": file_sha256(train_path), "model": params.model.model_dump(mode="json"), "seed": params.pretrain.seed},
             sort_keys=True,
         )
-        return _device_model(model), tokenizer, "scratch:" + sha256_bytes(key.encode())
+        return place_on_device(model), tokenizer, "scratch:" + sha256_bytes(key.encode())
     model, tokenizer = load_model_and_tokenizer(name, trust_remote_code=params.model.trust_remote_code)
     sha = dir_sha256(Path(name)) if Path(name).is_dir() else None
-    return _device_model(model), tokenizer, sha
+    return place_on_device(model), tokenizer, sha
 
 
 def _score_candidate(

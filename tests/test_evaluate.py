@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import ROOT, sample_rows
+
 from tasks.config import load_params
 from tasks.errors import StageError
 from tasks.io import file_sha256, read_json, read_jsonl, write_jsonl
@@ -38,7 +38,7 @@ def stage_params(tmp_path, tiny_overrides, tiny_model_dir):
 
 
 def test_evaluate_stage_end_to_end(stage_params, monkeypatch):
-    import tasks.evaluate as evaluate
+    from tasks import evaluate
 
     calls = []
     real_generate = evaluate.generate

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import sample_rows
+
 from tasks.generation import _decode_until_eos, generate
 
 TEMPLATE = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："

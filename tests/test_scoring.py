@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from conftest import sample_rows
+
 from tasks.scoring import METRICS, bootstrap_ci, paired_bootstrap, score, tokenize
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ROOT, sample_rows
+
 from tasks.config import load_params
 from tasks.errors import StageError
 from tasks.io import read_json, write_jsonl
