@@ -366,6 +366,16 @@ def registered_version_for_model(params: Params, model_sha256: str) -> Any:
     return None
 
 
+def _awaits_promotion(params: Params, version: Any) -> bool:
+    """True when a run registered `version` and failed before promote judged it (and nothing newer exists)."""
+    from mlflow import MlflowClient
+
+    if "promote.decision" in (version.tags or {}):
+        return False
+    versions = MlflowClient().search_model_versions(f"name = '{params.register.model_name}'")
+    return max(int(v.version) for v in versions) == int(version.version)
+
+
 @task(name="log-to-mlflow", task_run_name="log-to-mlflow", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def log_to_mlflow(params: Params, run_id: str) -> None:
     """Log params, every stage's metrics/plots/reports, the resolved params.yaml and dvc.lock to the run."""
@@ -538,7 +548,7 @@ def retrain(params_path: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | 
             model_sha256 = dir_sha256(params.paths.stage_dir("train") / "model")
             client.set_tag(run_id, "sftflow.model_sha256", model_sha256)
             already = None if any(s["ran"] for s in result["stages"]) else registered_version_for_model(params, model_sha256)
-            if already is not None and already.aliases:
+            if already is not None and not _awaits_promotion(params, already):
                 result.update(
                     status=NOTHING_CHANGED,
                     reason=f"every stage was up to date and version {already.version} holds this model and parameters",
