@@ -1,8 +1,9 @@
 """`make bench`: run every benchmark, print one table of ratios, save each result as JSON.
 
-Each benchmark module exposes `main() -> dict` with at least `name`, `ratio`, `baseline`, `target`
-and `note`; timings are only ever compared against a baseline measured in the same run, because
-absolute times on shared machines mislead.
+Each benchmark module exposes `main() -> dict`: either one row itself (`name`, `ratio`, `target`,
+`note`) or several under `rows`. Timings are only ever compared against a baseline measured in the
+same run, because absolute times on shared machines mislead. The table is printed and also written
+as markdown to `bench/results/table.md` (the README's Benchmarks section shows it).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -39,6 +41,48 @@ def _environment() -> dict:
     }
 
 
+_TARGET = re.compile(r"^\s*(>=|<=|>|<)?\s*([0-9.]+)\s*(x|%)?")
+
+
+def target_met(ratio: object, target: object) -> str:
+    """"yes"/"no" when the target reads like `>= 1.5x`, `<= 10%` or `50%` (at least), else ""."""
+    m = _TARGET.match(str(target))
+    if m is None:
+        return ""
+    op, bound, unit = m.group(1) or ">=", float(m.group(2)), m.group(3)
+    if isinstance(ratio, str) and ratio.endswith("%"):
+        value = float(ratio[:-1])
+        if unit != "%":
+            return ""
+    elif isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+        value = float(ratio) * (100 if unit == "%" else 1)
+    else:
+        return ""
+    ok = {">=": value >= bound, "<=": value <= bound, ">": value > bound, "<": value < bound}[op]
+    return "yes" if ok else "no"
+
+
+def _ratio_text(ratio: object) -> str:
+    return f"{ratio:.2f}x" if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else str(ratio)
+
+
+def markdown_table(rows: list[dict], env: dict) -> str:
+    """The rows as a markdown table, with the commit, date and machine under it."""
+    lines = ["| benchmark | ratio | target | met | note |", "|---|---:|---|---|---|"]
+    for r in rows:
+        note = str(r.get("note", "")).replace("|", "/")
+        lines.append(
+            f"| {r.get('name', '?')} | {_ratio_text(r.get('ratio'))} | {r.get('target', '')} "
+            f"| {target_met(r.get('ratio'), r.get('target'))} | {note} |"
+        )
+    lines.append("")
+    lines.append(
+        f"{env['when'][:10]}, commit {env['commit']}, {env['cores']} cores ({env['processor']}), "
+        f"torch {env['torch']}, transformers {env['transformers']}"
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main(names: list[str] | None = None) -> int:
     """Run the named benchmarks (default: all) and print the table."""
     env = _environment()
@@ -64,12 +108,13 @@ def main(names: list[str] | None = None) -> int:
         (RESULTS / f"{name}.json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
         rows.extend(result.get("rows", [result]))
     print()
-    print(f"{'benchmark':<34} {'ratio':>8}  {'target':<10} note")
-    print("-" * 96)
+    print(f"{'benchmark':<38} {'ratio':>8}  {'target':<13} {'met':<4} note")
+    print("-" * 110)
     for r in rows:
-        ratio = r.get("ratio")
-        ratio_s = f"{ratio:.2f}x" if isinstance(ratio, (int, float)) else str(ratio)
-        print(f"{r.get('name', '?'):<34} {ratio_s:>8}  {str(r.get('target', '')):<10} {r.get('note', '')}")
+        met = target_met(r.get("ratio"), r.get("target"))
+        print(f"{r.get('name', '?'):<38} {_ratio_text(r.get('ratio')):>8}  {str(r.get('target', '')):<13} {met:<4} {r.get('note', '')}")
+    if rows:
+        (RESULTS / "table.md").write_text(markdown_table(rows, env), encoding="utf-8")
     print(f"\nresults: {RESULTS}/ (commit {env['commit']}, {env['cores']} cores)")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

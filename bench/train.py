@@ -1,0 +1,443 @@
+"""Training throughput: `sftflow train`'s loop vs a bare HF `Trainer`, same model, data, batch and steps.
+
+Three arms, each in its own process (each has its own peak RSS; nothing warms up for the next):
+
+- `bare`: `transformers.Trainer` as a tutorial writes it: random order, `DataCollatorForSeq2Seq`
+  padding to the longest row of the batch, no DeepSpeed, no checkpoints.
+- `sftflow`: `tasks.train.run` with the shipped params (DeepSpeed ZeRO-2, per-step logging, a
+  checkpoint at the end) but `train.group_by_length=false`, so it reads rows in the same kind of
+  random order as `bare`: the stage's loop itself, held to >= 1.0x.
+- `sftflow-grouped`: `tasks.train.run` as shipped (`group_by_length` is on by default), held to >= 1.5x.
+
+All arms train the same scratch base (the shipped `model:` shape, untrained weights: throughput does
+not depend on them) on the same features (`tasks.train.encode_rows` of the demo train split), batch
+`train.batch_size`, `STEPS` optimizer steps, `THREADS` torch threads each.
+
+The machine is shared, so the arms run at the same time but take turns: one optimizer step each,
+round robin (a baton passed through files), the others asleep meanwhile. A burst of load from other
+processes then hits every arm alike instead of whichever happened to run during it. One step's time
+runs from the start of its step to the start of the next (so it includes collating the next batch and
+the per-step logging), the wait for the baton excluded. tokens/s counts real (non-pad) tokens only:
+the Trainer's own `non_padding` counter (the attention mask's sum), switched on in both arms. Steps
+1..`WARMUP_STEPS` (DeepSpeed's set-up, allocator growth and, with grouping, the longest batch, which
+`LengthGroupedSampler` puts first on purpose) and the last (it ends with the checkpoint) are left out.
+
+MFU: training FLOPs/s = 6 x N x real tokens/s (Kaplan et al. 2020: forward 2N + backward 4N per token;
+N = all parameters, the tied embedding counted once, as the output projection; attention-score
+FLOPs, about 12 x layers x hidden x mean length per token, are left out), over this machine's matmul
+peak measured in the same run with the same threads (2048 x 2048 fp32 and bf16 `torch.mm`, best of
+several). Training here runs in fp32 on CPU, so the fp32 peak is the yardstick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = 2  # same for every arm and for the matmul peak; the machine has 2 cores
+STEPS = 9
+WARMUP_STEPS = 2
+VAL_ROWS = 16  # only the stage's final val loss reads the val split, outside the timed loop
+ARMS = ("bare", "sftflow", "sftflow-grouped")
+ARM_TIMEOUT_S = 360
+
+
+# --------------------------------------------------------------------------------- machine peak
+
+
+def matmul_peak(dtype_name: str, n: int, seconds: float = 3.0) -> dict[str, Any]:
+    """Best FLOP/s of an n x n `torch.mm` in `dtype_name` over repeated runs for about `seconds`."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    torch.mm(a, b)  # first call: allocation and kernel selection
+    best, reps, start = float("inf"), 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+        reps += 1
+    return {"dtype": dtype_name, "n": n, "reps": reps, "best_s": best, "flops_per_s": 2 * n**3 / best}
+
+
+# ---------------------------------------------------------------------------------- preparation
+
+
+def _arm_params(workdir: Path, arm: str) -> Any:
+    """The project's params.yaml, outputs under `workdir/arm`, STEPS steps and THREADS threads."""
+    from tasks.config import load_params
+
+    overrides = [
+        f"paths.artifacts={workdir / arm / 'artifacts'}",
+        f"paths.metrics={workdir / arm / 'metrics'}",
+        f"paths.plots={workdir / arm / 'plots'}",
+        f"train.max_steps={STEPS}",
+        f"train.torch_threads={THREADS}",
+    ]
+    if arm == "sftflow":
+        overrides.append("train.group_by_length=false")
+    elif arm == "sftflow-grouped":
+        overrides.append("train.group_by_length=true")
+    return load_params(ROOT / "params.yaml", overrides)
+
+
+def prepare(workdir: Path) -> dict[str, Any]:
+    """Write the splits and an untrained scratch base (the shipped model shape); link them for every arm."""
+    from tasks.io import read_jsonl, set_seed, write_jsonl
+    from tasks.modeling import build_scratch_model, count_parameters, save_model, train_tokenizer
+
+    params = _arm_params(workdir, "shared")
+    split_dir = params.paths.stage_dir("split")
+    shipped = ROOT / "artifacts" / "split"
+    if (shipped / "train.jsonl").exists() and (shipped / "val.jsonl").exists():
+        source = f"{shipped}/train.jsonl"
+        train_rows, val_rows = read_jsonl(shipped / "train.jsonl"), read_jsonl(shipped / "val.jsonl")
+    else:  # no `sftflow split` run in this checkout: make the splits with the stages themselves
+        import tasks.split
+        import tasks.validate
+
+        tasks.validate.run(params)
+        tasks.split.run(params)
+        source = f"validate + split of {params.data.path}"
+        train_rows, val_rows = read_jsonl(split_dir / "train.jsonl"), read_jsonl(split_dir / "val.jsonl")
+    write_jsonl(split_dir / "train.jsonl", train_rows)
+    write_jsonl(split_dir / "val.jsonl", val_rows[:VAL_ROWS])
+
+    set_seed(0)
+    tokenizer = train_tokenizer(
+        [r["text"] for r in train_rows] + [r["summary"] for r in train_rows],
+        kind=params.model.tokenizer,
+        vocab_size=params.model.vocab_size,
+    )
+    model = build_scratch_model(params.model, tokenizer)
+    save_model(model, tokenizer, params.paths.stage_dir("pretrain") / "model")
+    for arm in ARMS:  # each arm writes its own artifacts/train/, reads the same base and splits
+        arm_dir = _arm_params(workdir, arm).paths.artifacts
+        arm_dir.mkdir(parents=True)
+        for stage in ("split", "pretrain"):
+            (arm_dir / stage).symlink_to(params.paths.stage_dir(stage).resolve(), target_is_directory=True)
+    _, total = count_parameters(model)
+    return {
+        "train_rows": len(train_rows),
+        "data": source,
+        "parameters": total,
+        "model": params.model.model_dump(),
+        "batch_size": params.train.batch_size,
+    }
+
+
+# ------------------------------------------------------------------------------------------ arms
+
+
+class Baton:
+    """Round-robin turns between the arm processes through files in `folder`: one holder at a time."""
+
+    def __init__(self, folder: Path, index: int, count: int) -> None:
+        self.folder, self.index, self.count = folder, index, count
+
+    def _turn(self) -> int | None:
+        try:
+            return int((self.folder / "turn").read_text())
+        except (OSError, ValueError):  # not written yet, or mid-replace
+            return None
+
+    def acquire(self) -> None:
+        """Wait until every arm is ready and it is this arm's turn."""
+        (self.folder / f"ready-{self.index}").touch()
+        deadline = time.monotonic() + ARM_TIMEOUT_S
+        while not (
+            self._turn() == self.index and all((self.folder / f"ready-{i}").exists() for i in range(self.count))
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"arm {self.index} waited {ARM_TIMEOUT_S} s for its turn; did another arm die?")
+            time.sleep(0.002)
+
+    def release(self, done: bool = False) -> None:
+        """Pass the turn to the next arm that has not finished."""
+        if done:
+            (self.folder / f"done-{self.index}").touch()
+        for k in range(1, self.count + 1):
+            nxt = (self.index + k) % self.count
+            if not (self.folder / f"done-{nxt}").exists():
+                break
+        tmp = self.folder / f"turn.{self.index}.tmp"
+        tmp.write_text(str(nxt))
+        os.replace(tmp, self.folder / "turn")
+
+
+class Meter:
+    """Times each optimizer step while holding the baton; counts real and padded tokens."""
+
+    def __init__(self, baton: Baton) -> None:
+        self.baton = baton
+        self.collated_real = 0
+        self.collated_padded = 0
+        self.steps: list[dict[str, float]] = []  # one per finished step: seconds, CPU seconds, real tokens
+        self.peak_rss_mb = 0.0
+
+    def wrap(self, collate: Any) -> Any:
+        """The collator, counting what it pads (for the pad share only; tokens/s uses the Trainer's counter)."""
+
+        def counted(features: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = collate(features)
+            self.collated_real += int(batch["attention_mask"].sum())
+            self.collated_padded += int(batch["attention_mask"].numel())
+            return batch
+
+        return counted
+
+    def callback(self) -> Any:
+        """A TrainerCallback that takes the baton for each step and records the step's time and tokens."""
+        from transformers import TrainerCallback
+
+        from tasks.modeling import peak_rss_mb
+
+        meter = self
+        open_step: dict[str, float] = {}
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if open_step:  # the previous step ends where this one begins
+                    meter.steps.append(
+                        {
+                            "seconds": time.perf_counter() - open_step["wall"],
+                            "cpu_seconds": time.process_time() - open_step["cpu"],
+                            "tokens": open_step["tokens"],
+                        }
+                    )
+                    meter.baton.release()
+                meter.baton.acquire()
+                open_step.update(wall=time.perf_counter(), cpu=time.process_time(), seen=state.num_input_tokens_seen)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                open_step["tokens"] = state.num_input_tokens_seen - open_step["seen"]
+
+            def on_train_end(self, args, state, control, **kwargs):
+                meter.peak_rss_mb = peak_rss_mb()  # before the stage's merge and val-loss passes
+                meter.baton.release(done=True)
+
+        return StepTimer()
+
+    def instrument(self, trainer: Any) -> None:
+        """Hook a constructed Trainer: count at its collator, time its steps."""
+        trainer.data_collator = self.wrap(trainer.data_collator)
+        trainer.add_callback(self.callback())
+
+    def summary(self) -> dict[str, Any]:
+        """Real tokens/s over the steady steps (per wall second and per CPU second of this process)."""
+        steady = self.steps[WARMUP_STEPS:]
+        seconds = sum(s["seconds"] for s in steady)
+        cpu = sum(s["cpu_seconds"] for s in steady)
+        tokens = sum(s["tokens"] for s in steady)
+        return {
+            "steady_steps": len(steady),
+            "steady_seconds": seconds,
+            "steady_cpu_seconds": cpu,
+            "steady_real_tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "tokens_per_cpu_s": tokens / cpu,
+            "step_seconds": [round(s["seconds"], 3) for s in self.steps],
+            "step_tokens": [s["tokens"] for s in self.steps],
+            "pad_share": 1 - self.collated_real / self.collated_padded,
+            "peak_rss_mb": self.peak_rss_mb,
+        }
+
+
+def run_sftflow(workdir: Path, arm: str, baton: Baton) -> dict[str, Any]:
+    """`tasks.train.run` on the prepared base and splits, with a Meter hooked into its Trainer."""
+    import tasks.train as stage
+
+    meter = Meter(baton)
+    make_trainer = stage._make_trainer
+
+    def instrumented(*args: Any, **kwargs: Any) -> Any:
+        trainer, session = make_trainer(*args, **kwargs)
+        meter.instrument(trainer)
+        return trainer, session
+
+    stage._make_trainer = instrumented
+    params = _arm_params(workdir, arm)
+    metrics = stage.run(params)
+    return {
+        **meter.summary(),
+        "group_by_length": params.train.group_by_length,
+        "deepspeed_config": metrics["deepspeed_config"],
+        "threads": metrics["threads_per_process"],
+    }
+
+
+def run_bare(workdir: Path, baton: Baton) -> dict[str, Any]:
+    """A plain HF Trainer on the same base, features, batch and steps."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from tasks.io import read_jsonl, set_seed
+    from tasks.modeling import load_model_and_tokenizer
+    from tasks.train import encode_rows
+
+    params = _arm_params(workdir, "bare")
+    cfg = params.train
+    torch.set_num_threads(THREADS)
+    model, tokenizer = load_model_and_tokenizer(params.paths.stage_dir("pretrain") / "model")
+    features, _ = encode_rows(params, tokenizer, read_jsonl(params.paths.stage_dir("split") / "train.jsonl"))
+    set_seed(cfg.seed)
+    args = TrainingArguments(
+        output_dir=str(workdir / "bare" / "out"),
+        per_device_train_batch_size=cfg.batch_size,
+        max_steps=STEPS,
+        learning_rate=cfg.learning_rate,
+        seed=cfg.seed,
+        save_strategy="no",
+        use_cpu=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",  # the same counter the stage uses
+        report_to=[],
+    )
+    meter = Meter(baton)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
+    )
+    meter.instrument(trainer)
+    trainer.train()
+    return {**meter.summary(), "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def run_arms(workdir: Path) -> dict[str, dict[str, Any]]:
+    """Start every arm at once (they take turns step by step); return each arm's figures."""
+    baton_dir = workdir / "baton"
+    baton_dir.mkdir()
+    (baton_dir / "turn").write_text("0")
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    procs = {}
+    for arm in ARMS:
+        cmd = [sys.executable, "-m", "bench.train", "--arm", arm, "--workdir", str(workdir), "--out", str(workdir / f"{arm}.json")]
+        log = (workdir / f"{arm}.log").open("w")
+        procs[arm] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + ARM_TIMEOUT_S
+    failed = []
+    for arm, proc in procs.items():
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        if rc != 0:
+            failed.append(arm)
+    if failed:
+        for arm in procs.values():
+            if arm.poll() is None:
+                arm.kill()
+        logs = "\n".join(f"--- {a}:\n{(workdir / f'{a}.log').read_text()[-2500:]}" for a in failed)
+        raise RuntimeError(f"train bench arm(s) {failed} failed:\n{logs}")
+    return {arm: json.loads((workdir / f"{arm}.json").read_text(encoding="utf-8")) for arm in ARMS}
+
+
+def main() -> dict[str, Any]:
+    """Measure the matmul peaks, run the three arms interleaved; return rows for the runner's table."""
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="sftflow-bench-train-") as tmp:
+        workdir = Path(tmp)
+        setup = prepare(workdir)
+        torch.set_num_threads(THREADS)
+        peaks = {"fp32": matmul_peak("float32", 2048), "bf16": matmul_peak("bfloat16", 2048)}
+        arms = run_arms(workdir)
+
+    bare, plain, grouped = arms["bare"], arms["sftflow"], arms["sftflow-grouped"]
+    n = setup["parameters"]
+    fp32_peak, bf16_peak = peaks["fp32"]["flops_per_s"], peaks["bf16"]["flops_per_s"]
+
+    def mfu(arm: dict[str, Any], peak: float = fp32_peak) -> float:
+        return 6 * n * arm["tokens_per_s"] / peak
+
+    def describe(arm: dict[str, Any]) -> str:
+        cpu = arm["tokens_per_cpu_s"] / bare["tokens_per_cpu_s"]
+        return f"{arm['tokens_per_s']:.0f} tok/s, pad {arm['pad_share']:.0%} (per CPU-second {cpu:.2f}x)"
+
+    rows = [
+        {
+            "name": "train: sftflow loop / bare Trainer",
+            "ratio": round(plain["tokens_per_s"] / bare["tokens_per_s"], 2),
+            "target": ">= 1.0x",
+            "note": (
+                f"ZeRO-2, random order: {describe(plain)}; bare Trainer {bare['tokens_per_s']:.0f} tok/s, "
+                f"pad {bare['pad_share']:.0%}; real tokens, {STEPS - WARMUP_STEPS - 1} steady steps of "
+                f"hidden {setup['model']['hidden_size']} x {setup['model']['num_layers']} layers, batch {setup['batch_size']}, interleaved"
+            ),
+        },
+        {
+            "name": "train: sftflow as shipped / bare",
+            "ratio": round(grouped["tokens_per_s"] / bare["tokens_per_s"], 2),
+            "target": ">= 1.5x",
+            "note": f"ZeRO-2 + group_by_length: {describe(grouped)}",
+        },
+        {
+            "name": "train: peak RSS, sftflow / bare",
+            "ratio": round(grouped["peak_rss_mb"] / bare["peak_rss_mb"], 2),
+            "target": "info",
+            "note": (
+                f"{grouped['peak_rss_mb']:.0f} MiB (ungrouped {plain['peak_rss_mb']:.0f}) vs bare "
+                f"{bare['peak_rss_mb']:.0f} MiB, whole process at the end of train()"
+            ),
+        },
+        {
+            "name": "train: MFU as shipped (fp32 peak)",
+            "ratio": f"{mfu(grouped):.1%}",
+            "target": "50%",
+            "note": (
+                f"6N x tok/s, N={n / 1e6:.2f}M: {6 * n * grouped['tokens_per_s'] / 1e9:.1f} GFLOP/s vs matmul peak "
+                f"fp32 {fp32_peak / 1e9:.0f} / bf16 {bf16_peak / 1e9:.0f} GFLOP/s ({THREADS} threads); "
+                f"vs bf16 peak {mfu(grouped, bf16_peak):.1%}; bare {mfu(bare):.1%}"
+            ),
+        },
+    ]
+    result = {
+        "name": "train",
+        "rows": rows,
+        "threads": THREADS,
+        "steps": STEPS,
+        "warmup_steps": WARMUP_STEPS,
+        "setup": setup,
+        "matmul_peak": peaks,
+        "arms": arms,
+        "mfu_fp32": {arm: mfu(a) for arm, a in arms.items()},
+        "mfu_bf16": {arm: mfu(a, bf16_peak) for arm, a in arms.items()},
+        "flops_formula": "6 * parameters * real tokens/s (attention scores left out)",
+    }
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return result
+
+
+def _arm_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one arm of the train benchmark (started by bench.train.main)")
+    parser.add_argument("--arm", choices=ARMS, required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    baton = Baton(args.workdir / "baton", ARMS.index(args.arm), len(ARMS))
+    result = run_bare(args.workdir, baton) if args.arm == "bare" else run_sftflow(args.workdir, args.arm, baton)
+    args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        _arm_main()
+    else:
+        main()
