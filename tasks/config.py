@@ -110,11 +110,11 @@ class ModelConfig(Section):
     architecture: Literal["qwen2", "llama"] = "qwen2"
     tokenizer: Literal["char", "bpe"] = "char"
     vocab_size: int = Field(default=6000, gt=16)
-    hidden_size: int = Field(default=256, gt=0)
+    hidden_size: int = Field(default=192, gt=0)
     num_layers: int = Field(default=4, gt=0)
     num_heads: int = Field(default=4, gt=0)
     num_kv_heads: int = Field(default=2, gt=0)
-    intermediate_size: int = Field(default=704, gt=0)
+    intermediate_size: int = Field(default=512, gt=0)
     max_position_embeddings: int = Field(default=512, gt=0)
 
     @model_validator(mode="after")
@@ -193,9 +193,9 @@ class PretrainConfig(Section):
     """Causal-LM pretraining on the training texts (always on for a scratch base)."""
 
     enabled: bool = True
-    epochs: float = Field(default=2.0, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
     max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=2e-3, gt=0)
     batch_size: int = Field(default=16, gt=0)
     block_size: int = Field(default=256, gt=0)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
@@ -222,16 +222,16 @@ class TrainConfig(Section):
     deepspeed_config: Path | None = Path("configs/deepspeed/zero2.json")
     num_processes: int = Field(default=1, gt=0)
     torch_threads: int = Field(default=0, ge=0, description="Threads per rank; 0 = cores / ranks.")
-    epochs: float = Field(default=3.0, gt=0)
+    epochs: float = Field(default=2.0, gt=0)
     max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
-    learning_rate: float = Field(default=5e-4, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=16, gt=0)
     gradient_accumulation_steps: int = Field(default=1, gt=0)
-    max_source_length: int = Field(default=320, gt=0)
+    max_source_length: int = Field(default=256, gt=0)
     max_target_length: int = Field(default=48, gt=0)
     group_by_length: bool = True
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
-    save_steps: int = Field(default=100, gt=0)
+    save_steps: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0, description="Newest checkpoints kept (2: one survives a kill mid-save).")
     eval_steps: int = Field(default=50, gt=0)
     logging_steps: int = Field(default=1, gt=0)
