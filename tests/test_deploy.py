@@ -112,3 +112,24 @@ def test_prefect_yaml_deploys_the_same_schedule(prefect_server, tmp_path):
     assert f"cron: {CRON}" in schedules.stdout
     inspected = _run([str(BIN / "prefect"), "deployment", "inspect", "retrain/retrain-scheduled"], env)
     assert str(tmp_path) in inspected.stdout  # the worker runs the flow in the deploying folder
+
+
+def test_deploy_serve_registers_and_keeps_serving(prefect_server):
+    proc = subprocess.Popen(
+        [str(BIN / "sftflow"), "deploy", "--cron", CRON, "--name", "retrain-served", "--serve"],
+        cwd=ROOT, env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            schedules = _run([str(BIN / "prefect"), "deployment", "schedule", "ls", "retrain/retrain-served"], prefect_server)
+            if f"cron: {CRON}" in schedules.stdout:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()  # --serve blocks while it serves
+            time.sleep(2)
+        else:
+            pytest.fail("the served deployment never appeared")
+        assert proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
