@@ -5,12 +5,14 @@ trained on the demo data; its weights are drawn with a large std so that each ro
 summary (a freshly initialised model writes the same character everywhere, and the equality check
 below would then prove nothing). Generation settings are the shipped defaults. torch runs one thread:
 on a shared machine two OpenMP threads spin against other processes and one-by-one decoding (many
-tiny steps) slowed 100-fold in one run, which measured the neighbours, not the code.
+tiny steps) slowed 100-fold in one run, which measured the neighbours, not the code. `BENCH_THREADS=N`
+measures with N threads on a quiet machine.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,7 +38,7 @@ def main() -> dict:
     from tasks.modeling import build_scratch_model, train_tokenizer
 
     params = Params()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     set_seed(0)
     rows, corpus = _rows(ROWS)
     tokenizer = train_tokenizer(
