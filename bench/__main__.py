@@ -28,7 +28,7 @@ def _environment() -> dict:
     import torch
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     return {
         "commit": commit,
         "machine": platform.machine(),
@@ -100,7 +100,7 @@ def main(names: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             result = module.main()
-        except Exception:  # a broken benchmark must not hide the others' figures
+        except Exception:  # noqa: BLE001 - a broken benchmark must not hide the others' figures
             traceback.print_exc()
             failed.append(name)
             continue
@@ -112,7 +112,7 @@ def main(names: list[str] | None = None) -> int:
     print("-" * 110)
     for r in rows:
         met = target_met(r.get("ratio"), r.get("target"))
-        print(f"{r.get('name', '?'):<38} {_ratio_text(r.get('ratio')):>8}  {str(r.get('target', '')):<13} {met:<4} {r.get('note', '')}")
+        print(f"{r.get('name', '?'):<38} {_ratio_text(r.get('ratio')):>8}  {r.get('target', '')!s:<13} {met:<4} {r.get('note', '')}")
     if rows:
         (RESULTS / "table.md").write_text(markdown_table(rows, env), encoding="utf-8")
     print(f"\nresults: {RESULTS}/ (commit {env['commit']}, {env['cores']} cores)")

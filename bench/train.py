@@ -95,7 +95,12 @@ def _arm_params(workdir: Path, arm: str) -> Any:
 def prepare(workdir: Path) -> dict[str, Any]:
     """Write the splits and an untrained scratch base (the shipped model shape); link them for every arm."""
     from tasks.io import read_jsonl, set_seed, write_jsonl
-    from tasks.modeling import build_scratch_model, count_parameters, save_model, train_tokenizer
+    from tasks.modeling import (
+        build_scratch_model,
+        count_parameters,
+        save_model,
+        train_tokenizer,
+    )
 
     params = _arm_params(workdir, "shared")
     split_dir = params.paths.stage_dir("split")
