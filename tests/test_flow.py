@@ -92,55 +92,12 @@ def test_retries_only_on_io_tasks():
 # ------------------------------------------------------------------------ the flow, end to end
 
 
-def _tiny_overrides(data_rel: str) -> list[str]:
-    """conftest's tiny_overrides, but with paths left relative: dvc.yaml's outs live in the project."""
-    return [
-        f"data.path={data_rel}",
-        "model.hidden_size=32",
-        "model.num_layers=2",
-        "model.num_heads=2",
-        "model.num_kv_heads=1",
-        "model.intermediate_size=64",
-        "pretrain.max_steps=4",
-        "pretrain.batch_size=8",
-        "pretrain.block_size=64",
-        "train.max_steps=4",
-        "train.batch_size=8",
-        "train.save_steps=2",
-        "train.eval_steps=2",
-        "train.logging_steps=1",
-        "train.deepspeed_config=null",
-        "train.torch_threads=1",
-        "evaluate.max_new_tokens=8",
-        "evaluate.bootstrap_samples=50",
-        "promote.bootstrap_samples=50",
-    ]
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git+DVC copy of the project (tracked and new files) with tiny data and params, MLflow in tmp."""
-    from conftest import sample_rows
+    from flow_helpers import make_tiny_project
 
-    from flows.retrain import write_overrides
-
-    dest = tmp_path_factory.mktemp("project")
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    data = dest / "data" / "tiny.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows(120)), encoding="utf-8")
-    write_overrides(dest / "params.yaml", _tiny_overrides("data/tiny.jsonl"))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    dest = make_tiny_project(tmp_path_factory.mktemp("project"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{dest / 'mlflow.db'}")
         mp.setenv("OMP_NUM_THREADS", "1")

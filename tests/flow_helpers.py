@@ -1,0 +1,165 @@
+"""Helpers for tests that run the whole flow: a tiny git+DVC copy of the project, and real
+MLflow/Prefect servers on loopback ports, each in its own process group so a test can stop all of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from conftest import ROOT, sample_rows
+
+BIN = Path(sys.executable).parent  # the venv's console scripts: mlflow, prefect, sftflow, dvc
+
+
+def tiny_project_overrides(data_rel: str) -> list[str]:
+    """conftest's tiny_overrides, but with paths left relative: dvc.yaml's outs live in the project."""
+    return [
+        f"data.path={data_rel}",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "model.num_kv_heads=1",
+        "model.intermediate_size=64",
+        "pretrain.max_steps=4",
+        "pretrain.batch_size=8",
+        "pretrain.block_size=64",
+        "train.max_steps=4",
+        "train.batch_size=8",
+        "train.save_steps=2",
+        "train.eval_steps=2",
+        "train.logging_steps=1",
+        "train.deepspeed_config=null",
+        "train.torch_threads=1",
+        "evaluate.max_new_tokens=8",
+        "evaluate.bootstrap_samples=50",
+        "promote.bootstrap_samples=50",
+    ]
+
+
+def make_tiny_project(dest: Path, rows: int = 120) -> Path:
+    """Copy the project (tracked and new files) into `dest` as its own git repo, with tiny data and params.
+
+    Args:
+        dest: an empty folder.
+        rows: demo rows written to `data/tiny.jsonl`.
+
+    Returns:
+        `dest`, now a project root (dvc.yaml, params.yaml with the tiny overrides written in).
+    """
+    from flows.retrain import write_overrides
+
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    data = dest / "data" / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows(rows)), encoding="utf-8")
+    write_overrides(dest / "params.yaml", tiny_project_overrides("data/tiny.jsonl"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    return dest
+
+
+# ----------------------------------------------------------------------------- real servers
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_group(cmd: list[str], log_file: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """Start `cmd` in a new session (its own process group), output to `log_file`."""
+    with log_file.open("ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the process group of `proc`, SIGKILL it if it outlives `timeout`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+    # Children may outlive the leader (uvicorn/gunicorn workers): make sure the group is gone too.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_http(url: str, proc: subprocess.Popen, log_file: Path, timeout: float = 120.0) -> None:
+    """Poll `url` until it answers 200; fail early with the server's log when the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}:\n{log_file.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s:\n{log_file.read_text(errors='replace')[-3000:]}")
+
+
+def start_mlflow_server(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` (sqlite store and served artifacts under `workdir`) on 127.0.0.1.
+
+    Returns:
+        The process (leader of its own group; wait for it with `wait_http(uri + "/health", ...)`)
+        and its tracking URI.
+    """
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination", str(workdir / "artifacts"), "--serve-artifacts",
+    ]
+    return start_group(cmd, workdir / "server.log", cwd=workdir), f"http://127.0.0.1:{port}"
+
+
+def start_prefect_server(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `prefect server start` with its own PREFECT_HOME and sqlite database under `workdir`.
+
+    Returns:
+        The process (leader of its own group) and its API URL (`http://127.0.0.1:<port>/api`).
+    """
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(workdir),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{workdir / 'prefect.db'}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return start_group(cmd, workdir / "server.log", env=env, cwd=workdir), f"http://127.0.0.1:{port}/api"
