@@ -149,14 +149,19 @@ def checkpoint_step(path: Path) -> int | None:
     """The step of a complete checkpoint folder, None when it is incomplete.
 
     The Trainer writes `trainer_state.json` last (after weights, optimizer and RNG states), so a
-    folder whose state file parses and names the folder's step was fully written.
+    folder whose state file parses and names the folder's step was fully written. Its weights are
+    checked too: a kill while the Trainer rotates old checkpoints out (rmtree) can leave a state
+    file beside no weights.
     """
     try:
         step = int(path.name.rsplit("-", 1)[1])
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except (IndexError, ValueError, OSError):
         return None
-    return step if state.get("global_step") == step else None
+    # model/adapter safetensors, or DeepSpeed's own shards (ZeRO-3 without a gathered save)
+    # (not any *.bin: every checkpoint holds training_args.bin)
+    has_weights = any(any(path.glob(p)) for p in ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin", "global_step*"))
+    return step if state.get("global_step") == step and has_weights else None
 
 
 def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
