@@ -55,6 +55,8 @@ def run(params: Params) -> dict[str, Any]:
         write_json(out_dir / "choice.json", {"base": candidates[0], "candidates": candidates, "scored": False})
         metrics = {"chosen": candidates[0], "candidates": {}, "skipped": {}}
         write_json(params.paths.metrics_file("select"), metrics)
+        # dvc.yaml declares plots/select as an output: it must exist even with nothing to plot.
+        params.paths.plots_dir("select").mkdir(parents=True, exist_ok=True)
         return metrics
 
     rows = _val_rows(params)
