@@ -1,8 +1,8 @@
 """The `retrain` flow: unchanged re-run vs cold run, and orchestration overhead vs plain stage functions.
 
 Both arms work on fresh copies of this project (tracked and new files, `git init`ed, its own DVC cache
-and remote, its own sqlite MLflow store) with the tiny data and params of `tests/test_flow.py`
-(`sample_rows(120)`, `_tiny_overrides`): the worst case for overhead, since every stage's own work is
+and remote, its own sqlite MLflow store) with the tiny data and params of the flow tests
+(`tests/flow_helpers.make_tiny_project`): the worst case for overhead, since every stage's own work is
 small. The same environment for both arms: OMP_NUM_THREADS=1, as in the flow tests.
 
 - plain: one fresh interpreter calls `tasks.<stage>.run(params)` for validate, split, select, pretrain,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,39 +45,15 @@ print(json.dumps({"seconds": seconds, "process_seconds": time.perf_counter() - t
 """
 
 
-def _test_helpers() -> tuple[Any, Any]:
-    """`sample_rows` and `_tiny_overrides` from the flow tests, so the bench runs what they run."""
+def make_tiny_project(dest: Path) -> Path:
+    """The flow tests' tiny git+DVC copy of this project (`tests/flow_helpers.py`), so the bench runs what they run."""
     tests = str(ROOT / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    from conftest import sample_rows
-    from test_flow import _tiny_overrides
+    from flow_helpers import make_tiny_project as make
 
-    return sample_rows, _tiny_overrides
-
-
-def copy_project(dest: Path) -> Path:
-    """A git+DVC copy of the project's tracked and new files with tiny data and params."""
-    from flows.retrain import write_overrides
-
-    sample_rows, tiny_overrides = _test_helpers()
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith("bench/results/"):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    data = dest / "data" / "tiny.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows(120)), encoding="utf-8")
-    write_overrides(dest / "params.yaml", tiny_overrides("data/tiny.jsonl"))
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
-    return dest
+    dest.mkdir(parents=True)
+    return make(dest)
 
 
 def _env(project: Path) -> dict[str, str]:
@@ -111,9 +86,11 @@ def run_flow_twice(project: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     from flows.retrain import retrain
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    env = {**_env(project), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    keys = ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")
+    saved = {k: os.environ.get(k) for k in keys}
     cwd = Path.cwd()
-    os.environ.update({k: _env(project)[k] for k in saved})
+    os.environ.update({k: env[k] for k in keys})
     try:
         with prefect_test_harness(server_startup_timeout=180):
             os.chdir(project)  # mlflow's default store and relative paths resolve against the cwd
@@ -135,8 +112,8 @@ def run_flow_twice(project: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def main() -> dict[str, Any]:
     """Time plain stages, the cold flow and the unchanged re-run; return rows for the runner's table."""
     with tempfile.TemporaryDirectory(prefix="sftflow-bench-flow-") as tmp:
-        plain = run_plain(copy_project(Path(tmp) / "plain"))
-        cold, rerun = run_flow_twice(copy_project(Path(tmp) / "flow"))
+        plain = run_plain(make_tiny_project(Path(tmp) / "plain"))
+        cold, rerun = run_flow_twice(make_tiny_project(Path(tmp) / "flow"))
 
     if cold["status"] != "registered" or rerun["status"] != "nothing changed":
         raise RuntimeError(f"unexpected flow outcomes: cold {cold['status']!r}, re-run {rerun['status']!r} ({rerun.get('reason')})")
