@@ -433,6 +433,18 @@ def _read_metrics(params: Params, stage: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
+def _lookup(metrics: dict[str, Any], key: str) -> Any:
+    """`a.b` as a flat key, else as nested dicts (evaluate writes `base: {rouge-l: ...}`)."""
+    if key in metrics:
+        return metrics[key]
+    node: Any = metrics
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
 
@@ -442,12 +454,15 @@ def metrics_table(params: Params) -> str:
     evaluate = _read_metrics(params, "evaluate")
     quantize = _read_metrics(params, "quantize")
     rows = [
-        ("fine-tuned model", {m: evaluate.get(m) for m in TABLE_METRICS}),
-        ("base model", {m: evaluate.get(f"base.{m}") for m in TABLE_METRICS}),
-        (f"lead-k baseline (k={evaluate.get('baseline.k', '?')})", {m: evaluate.get(f"baseline.{m}") for m in TABLE_METRICS}),
+        ("fine-tuned model", {m: _lookup(evaluate, m) for m in TABLE_METRICS}),
+        ("base model", {m: _lookup(evaluate, f"base.{m}") for m in TABLE_METRICS}),
+        (
+            f"lead-k baseline (k={_lookup(evaluate, 'baseline.k') or '?'})",
+            {m: _lookup(evaluate, f"baseline.{m}") for m in TABLE_METRICS},
+        ),
     ]
     for method in params.quantize.methods:
-        rows.append((f"quantized {method}", {m: quantize.get(f"{method}.{m}") for m in TABLE_METRICS}))
+        rows.append((f"quantized {method}", {m: _lookup(quantize, f"{method}.{m}") for m in TABLE_METRICS}))
     lines = ["| model | " + " | ".join(TABLE_METRICS) + " |", "|---|" + "---:|" * len(TABLE_METRICS)]
     lines += [f"| {name} | " + " | ".join(_fmt(v[m]) for m in TABLE_METRICS) + " |" for name, v in rows]
     return "\n".join(lines)

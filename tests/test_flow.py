@@ -67,7 +67,10 @@ def test_metrics_table_reads_the_stage_files(tmp_path):
     from flows.retrain import metrics_table
 
     params = load_params(ROOT / "params.yaml", [f"paths.metrics={tmp_path}"])
-    (tmp_path / "evaluate.json").write_text(json.dumps({"rouge-l": 31.256, "base.rouge-l": 5.0, "baseline.rouge-l": 12.5, "baseline.k": 20}))
+    # evaluate nests base/baseline figures; flat `section.key` names are read too.
+    (tmp_path / "evaluate.json").write_text(
+        json.dumps({"rouge-l": 31.256, "base": {"rouge-l": 5.0}, "baseline": {"rouge-l": 12.5, "k": 20}})
+    )
     (tmp_path / "quantize.json").write_text(json.dumps({"int8.rouge-l": 30.9}))
     table = metrics_table(params)
     lines = table.splitlines()
