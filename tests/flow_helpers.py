@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 from conftest import ROOT, sample_rows
 
 BIN = Path(sys.executable).parent  # the venv's console scripts: mlflow, prefect, sftflow, dvc
@@ -105,11 +106,27 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             continue
     proc.wait()
-    # Children may outlive the leader (uvicorn/gunicorn workers): make sure the group is gone too.
+    # Children may outlive the leader (uvicorn workers, job runners): kill what is left of the group
+    # and wait until the kernel has taken it down, so a caller can check that nothing remains.
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    deadline = time.monotonic() + timeout
+    while group_members({proc.pid}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def group_members(pgids: set[int]) -> list[psutil.Process]:
+    """Live processes (zombies excluded) in any of the given process groups, wherever they were reparented."""
+    left = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) in pgids and p.info["status"] != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return left
 
 
 def wait_http(url: str, proc: subprocess.Popen, log_file: Path, timeout: float = 120.0) -> None:
@@ -137,12 +154,14 @@ def start_mlflow_server(workdir: Path, port: int | None = None) -> tuple[subproc
     """
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
+    # No job runner: it starts eight Python processes for GenAI jobs that sftflow never submits.
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     cmd = [
         str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
         "--artifacts-destination", str(workdir / "artifacts"), "--serve-artifacts",
     ]
-    return start_group(cmd, workdir / "server.log", cwd=workdir), f"http://127.0.0.1:{port}"
+    return start_group(cmd, workdir / "server.log", env=env, cwd=workdir), f"http://127.0.0.1:{port}"
 
 
 def start_prefect_server(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
