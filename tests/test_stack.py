@@ -62,6 +62,7 @@ def _flow_env(tmp_path: Path, mlflow_uri: str, prefect_api: str) -> dict[str, st
 
 @pytest.mark.slow
 def test_flow_runs_against_real_mlflow_and_prefect_servers(tmp_path):
+    before = {c.pid for c in psutil.Process().children(recursive=True)}  # other tests' business, not ours
     groups: list[subprocess.Popen] = []
     try:
         # Both servers boot (10-20 s each) while the project copy is built.
@@ -138,4 +139,5 @@ def test_flow_runs_against_real_mlflow_and_prefect_servers(tmp_path):
             stop_group(proc)
     left = group_members(pgids)
     assert left == [], [(p.pid, p.cmdline()) for p in left]
-    assert [c for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE] == []
+    ours = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.status() != psutil.STATUS_ZOMBIE]
+    assert ours == [], [(c.pid, c.cmdline()) for c in ours]
