@@ -182,8 +182,8 @@ def test_flow_rerun_unchanged_says_nothing_changed(project, harness):
 
 @pytest.mark.slow
 def test_flow_evaluate_change_reruns_evaluate_onwards(project, harness):
-    # bootstrap_samples is read by evaluate only (quantize reads evaluate.max_new_tokens/batch_size).
-    result = _run_flow(project, overrides=["evaluate.bootstrap_samples=40"])
+    # baseline_max_k is read by evaluate only (select and quantize list other evaluate.* keys in dvc.yaml).
+    result = _run_flow(project, overrides=["evaluate.baseline_max_k=30"])
     ran = {s["stage"]: s["ran"] for s in result["stages"]}
     assert ran == {"validate": False, "split": False, "select": False, "pretrain": False, "train": False,
                    "evaluate": True, "quantize": False}, ran
