@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed-stamp
 export DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup run test bench stack-test clean
+.PHONY: setup run test test-system bench stack-test clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,12 @@ run: setup
 	$(VENV)/bin/sftflow run
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not system"
+
+# Fault injection (killed runs, a stopped tracking server, a broken remote) and the stack test:
+# real servers and whole flow runs, several minutes. CI runs them after `make test`.
+test-system: setup
+	$(PY) -m pytest -q -ra -m system
 
 bench: setup
 	$(PY) -m bench

@@ -35,6 +35,17 @@ def sample_rows(n: int) -> list[dict]:
     return rows
 
 
+# Whole-system fault and topology tests: real servers, killed flow runs, minutes each. They run in
+# CI as their own step (`make test-system`), so `make test` stays a quick loop for developers.
+SYSTEM_TEST_FILES = {"test_reliability.py", "test_stack.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SYSTEM_TEST_FILES:
+            item.add_marker(pytest.mark.system)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     import torch
