@@ -8,12 +8,19 @@ version and metrics of its run). The per-row ROUGE-L of the test predictions is 
 generating again. Quantized variants in `artifacts/quantize/<method>/` are registered as versions
 of `<model_name>-<method>`; the main version points at each with a `sftflow.variant.<method>` tag.
 
+Registration is idempotent: every version carries `sftflow.content_sha256`, a hash of what it
+holds (weights, tokenizer, generation settings, the pyfunc code, requirements and the lineage tags
+that describe it, not when or by whom it was made). A version with the same hash is reused instead of
+registering a copy, so a register killed between a variant and its main version, or retried after
+a partial attempt, converges to exactly one version per content and leaves no orphan.
+
 Everything the stage reads is checked before anything is written to MLflow, so a failed upstream
 run registers nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -26,7 +33,7 @@ import yaml
 
 from tasks.config import Params
 from tasks.errors import StageError
-from tasks.io import file_sha256, read_json, read_jsonl, write_json
+from tasks.io import dir_sha256, file_sha256, read_json, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,9 @@ REQUIRED_METRICS = ("rouge-1", "rouge-2", "rouge-l")
 ROW_METRIC = "rouge-l"
 ROW_SCORES_DIR = "row_scores"
 VARIANT_TAG = "sftflow.variant."
+CONTENT_TAG = "sftflow.content_sha256"
+# Tags that say when and by whom a version was made, not what it holds: a retry differs only in these.
+_CIRCUMSTANCE_TAGS = frozenset({"code.commit", "code.dirty", "prefect.flow_run_id", CONTENT_TAG})
 SPLITS = ("train", "val", "test")
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "jieba", "rouge-chinese")
 
@@ -212,6 +222,40 @@ def generation_settings(params: Params, quantization: str | None = None) -> dict
     }
 
 
+def content_sha256(model_dir: Path, params: Params, tags: dict[str, Any], quantization: str | None = None) -> str:
+    """Hash of what a version registered from `model_dir` with `tags` would hold.
+
+    Covers the folder's files, the generation settings, the pyfunc code and pinned requirements that
+    are logged with it, and its tags except those that only record circumstances (code commit, flow
+    run id) or point at variants (a main version is relinked to its variants, see `run`).
+    """
+    from tasks import pyfunc_model
+
+    described = {
+        k: str(v) for k, v in sorted(tags.items()) if k not in _CIRCUMSTANCE_TAGS and not k.startswith(VARIANT_TAG)
+    }
+    content = {
+        "model": dir_sha256(model_dir),
+        "settings": generation_settings(params, quantization),
+        "code": file_sha256(Path(pyfunc_model.__file__)),
+        "requirements": _requirements(),
+        "tags": described,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def find_version_with_content(name: str, content: str) -> Any:
+    """The READY version of registered model `name` tagged with this content hash (the oldest), or None."""
+    import mlflow
+
+    matches = [
+        v
+        for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+        if v.tags.get(CONTENT_TAG) == content and str(v.status).upper().endswith("READY")
+    ]
+    return min(matches, key=lambda v: int(v.version)) if matches else None
+
+
 def log_and_register(
     model_dir: Path,
     params: Params,
@@ -220,11 +264,13 @@ def log_and_register(
     registered_name: str | None = None,
     quantization: str | None = None,
 ) -> Any:
-    """Log a Hugging Face model folder as an MLflow pyfunc model and register a new version.
+    """Log a Hugging Face model folder as an MLflow pyfunc model and register it, unless it already is.
 
     The model is logged "from code" (tasks/pyfunc_model.py): its artifacts are the folder as it is
     (safetensors + tokenizer) and `sftflow.json`; nothing is pickled. Logged in the active run if
-    there is one, else in a new run of the `register.experiment` experiment.
+    there is one, else in a new run of the `register.experiment` experiment. When a READY version of
+    the registered model already holds the same content (`content_sha256`), that version is returned
+    and nothing is logged: a retried or resumed register does not make copies.
 
     Args:
         model_dir: the model folder (`artifacts/train/model` or a quantized variant folder).
@@ -234,7 +280,7 @@ def log_and_register(
         quantization: the quantization method of a variant folder (loaded with tasks.quantize).
 
     Returns:
-        The `mlflow.entities.model_registry.ModelVersion`.
+        The `mlflow.entities.model_registry.ModelVersion`, new or reused.
 
     Raises:
         StageError: the folder is not a model folder.
@@ -255,10 +301,17 @@ def log_and_register(
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")) or list(model_dir.glob("*.pkl")):
         raise StageError(f"{model_dir} holds pickled weights (.bin/.pt/.pkl): only safetensors are registered")
     name = registered_name or model_name_of(params, quantization)
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema([ColSpec("string")]))
     started = mlflow.active_run() is None
     if started:
         setup_mlflow(params)
+    content = content_sha256(model_dir, params, tags, quantization)
+    existing = find_version_with_content(name, content)
+    if existing is not None:
+        log.info("%s version %s already holds %s (content %s): reusing it", name, existing.version, model_dir, content[:12])
+        return existing
+    tags = {**tags, CONTENT_TAG: content}
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema([ColSpec("string")]))
+    if started:
         mlflow.start_run(run_name="register")
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -290,7 +343,8 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
         flow_run_id: the Prefect flow run that produced the model (a tag; "none" when run by hand).
 
     Returns:
-        `version` (the new version of `register.model_name`), `model_name`, `run_id`, `variants`
+        `version` (the version of `register.model_name` holding this model, new or reused),
+        `model_name`, `run_id`, `reused` (an earlier run registered that version), `variants`
         ({method: models:/ URI}), and the lineage tags.
 
     Raises:
@@ -316,6 +370,7 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
         )
     tags.update({f"evaluate.{k}": f"{v:.4f}" for k, v in metrics.items()})
     tags.update({k: f"{v:.4f}" for k, v in quant.items()})
+    tags["evaluate.row_scores_sha256"] = hashlib.sha256(json.dumps(row_scores, sort_keys=True).encode()).hexdigest()
     test_sha = tags["split.test_sha256"]
 
     started = mlflow.active_run() is None
@@ -335,6 +390,7 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
         version = log_and_register(
             model_dir, params, tags=tags | {variant_uri_tag(m): uri for m, uri in variants.items()}
         )
+        _link_variants(version, variants)
     finally:
         if started:
             mlflow.end_run()
@@ -342,11 +398,24 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
         "version": int(version.version),
         "model_name": version.name,
         "run_id": run_id,
+        "reused": version.run_id != run_id,
         "variants": variants,
         "tags": tags,
     }
-    log.info("registered %s version %s (%d variants)", version.name, version.version, len(variants))
+    log.info("%s %s version %s (%d variants)", "reused" if result["reused"] else "registered", version.name,
+             version.version, len(variants))
     return result
+
+
+def _link_variants(version: Any, variants: dict[str, str]) -> None:
+    """Point a (possibly reused) main version's `sftflow.variant.<method>` tags at these variants."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for method, uri in variants.items():
+        if version.tags.get(variant_uri_tag(method)) != uri:
+            client.set_model_version_tag(version.name, version.version, variant_uri_tag(method), uri)
+            log.info("%s version %s: %s now points at %s", version.name, version.version, variant_uri_tag(method), uri)
 
 
 def _variant_dirs(params: Params) -> dict[str, Path]:

@@ -169,3 +169,52 @@ def test_quantized_variant_registered_loaded_and_gated(store, tiny_overrides, ti
     gated = promote.run(params)
     assert gated["delta"] == pytest.approx(8.0) and gated["int8_drop"] == pytest.approx(2.5)
     assert gated["decision"] == "challenger" and "int8 variant loses 2.50" in gated["reason"]
+
+
+def test_register_is_idempotent_after_a_partial_attempt_and_a_retry(store, tiny_overrides, tiny_model_dir, monkeypatch):
+    import mlflow
+
+    from tasks import register
+
+    params = _params(tiny_overrides, "reg-idem")
+    build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
+    _int8_variant(params, tiny_model_dir, drop=0.2)
+    client = mlflow.MlflowClient()
+
+    def versions(name):
+        return sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+
+    # A partial attempt: killed after the variant was registered, before the main version.
+    real = register.log_and_register
+
+    def killed_before_main(model_dir, params, *, tags, registered_name=None, quantization=None):
+        if quantization is None:
+            raise KeyboardInterrupt("killed before the main version")
+        return real(model_dir, params, tags=tags, registered_name=registered_name, quantization=quantization)
+
+    monkeypatch.setattr(register, "log_and_register", killed_before_main)
+    with pytest.raises(KeyboardInterrupt):
+        register.run(params, flow_run_id="killed")
+    monkeypatch.setattr(register, "log_and_register", real)
+    assert versions("reg-idem-int8") == [1] and versions("reg-idem") == []
+
+    # The next attempt reuses the variant and registers the main version once, pointing at it.
+    first = register.run(params, flow_run_id="retry")
+    assert versions("reg-idem-int8") == [1] and versions("reg-idem") == [1]
+    assert first["variants"] == {"int8": "models:/reg-idem-int8/1"} and not first["reused"]
+    main = client.get_model_version("reg-idem", "1")
+    assert main.tags["sftflow.variant.int8"] == "models:/reg-idem-int8/1"
+    assert main.tags[register.CONTENT_TAG] == register.content_sha256(
+        params.paths.stage_dir("train") / "model", params, {**main.tags, "code.commit": "other"}
+    )  # circumstances (commit, flow run) are not content
+
+    # A retry of a run that already finished: the same versions, nothing new.
+    again = register.run(params, flow_run_id="again")
+    assert again["version"] == 1 and again["reused"] and again["variants"] == first["variants"]
+    assert versions("reg-idem-int8") == [1] and versions("reg-idem") == [1]
+
+    # Different content (another evaluation of the same weights) is a new version, not a reuse.
+    build_upstream(params, tiny_model_dir, ROWS, [31.0] * len(ROWS))
+    third = register.run(params)
+    assert third["version"] == 2 and not third["reused"]
+    assert versions("reg-idem-int8") == [1, 2] and versions("reg-idem") == [1, 2]
