@@ -222,7 +222,7 @@ class TrainConfig(Section):
     deepspeed_config: Path | None = Path("configs/deepspeed/zero2.json")
     num_processes: int = Field(default=1, gt=0)
     torch_threads: int = Field(default=0, ge=0, description="Threads per rank; 0 = cores / ranks.")
-    epochs: float = Field(default=2.0, gt=0)
+    epochs: float = Field(default=1.5, gt=0)
     max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
     learning_rate: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=16, gt=0)
