@@ -65,7 +65,25 @@ DVC_STAGES = ("validate", "split", "select", "pretrain", "train", "evaluate", "q
 # Tasks that talk to MLflow or the DVC remote: a server restart or a network blip should not fail
 # a run that trained for minutes. Training never retries: a failure there is not transient.
 IO_RETRIES = 3
-IO_RETRY_DELAYS = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s
+# First delay between I/O retries, doubled after each (2, 4, 8 s); tests that stop a server set it shorter.
+RETRY_DELAY_ENV = "SFTFLOW_IO_RETRY_DELAY_SECONDS"
+
+
+def _io_retry_delays() -> list[float]:
+    """Delays between the I/O tasks' retries: exponential from SFTFLOW_IO_RETRY_DELAY_SECONDS (default 2)."""
+    raw = os.environ.get(RETRY_DELAY_ENV, "").strip()
+    if not raw:
+        return exponential_backoff(backoff_factor=2)(IO_RETRIES)
+    try:
+        first = float(raw)
+    except ValueError:
+        first = -1.0
+    if first < 0:
+        raise ParamsError(f"{RETRY_DELAY_ENV}={raw!r} is not a number of seconds >= 0; unset it for the default (2)")
+    return [first * 2**i for i in range(IO_RETRIES)]
+
+
+IO_RETRY_DELAYS = _io_retry_delays()
 PROGRESS_LOG_SECONDS = 10.0  # a tqdm bar redraws many times a second; log it this often
 NOTHING_CHANGED = "nothing changed"
 SUMMARY_ARTIFACT_KEY = "retrain-summary"
@@ -390,18 +408,23 @@ def log_to_mlflow(params: Params, run_id: str) -> None:
 @task(name="register", task_run_name="register", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def register(params: Params, run_id: str, flow_run_id: str | None) -> dict[str, Any]:
     """Register the fine-tuned model (and quantized variants) as new versions, inside the flow's MLflow run."""
-    from mlflow import MlflowClient
+    import mlflow
+    import requests
+    from mlflow.exceptions import MlflowException
 
     import tasks.register
 
-    # A retry after a half-finished attempt must not register twice.
-    existing = MlflowClient().search_model_versions(f"name = '{params.register.model_name}' and run_id = '{run_id}'")
-    if existing:
-        version = max(existing, key=lambda v: int(v.version))
-        _logger().info("version %s was already registered by this run; not registering again", version.version)
-        return {"version": int(version.version), "reused": True}
-    with _mlflow_run(run_id):
-        return tasks.register.run(params, flow_run_id=flow_run_id)
+    # tasks.register reuses a version that already holds this content, so a retry after a
+    # half-finished attempt (a variant registered, its main version not) registers nothing twice.
+    try:
+        with _mlflow_run(run_id):
+            return tasks.register.run(params, flow_run_id=flow_run_id)
+    except (MlflowException, requests.RequestException, OSError) as e:
+        raise StageError(
+            f"register failed talking to the MLflow tracking server at {mlflow.get_tracking_uri()} "
+            f"({type(e).__name__}: {e}); check that it is up (MLFLOW_TRACKING_URI), then run again: "
+            "what this run trained is kept and will be registered once"
+        ) from e
 
 
 @task(name="promote", task_run_name="promote", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
@@ -585,11 +608,19 @@ def retrain(params_path: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | 
             client.set_terminated(run_id, "FINISHED")
         except BaseException as e:
             result.update(status="failed", error=str(e))
-            client.set_tag(run_id, "sftflow.outcome", "failed")
-            client.set_terminated(run_id, "FAILED")
+            _mark_failed(client, run_id, result["mlflow_tracking_uri"])
             _finish(result, params, started)
             raise
         return _finish(result, params, started)
+
+
+def _mark_failed(client: Any, run_id: str, uri: str) -> None:
+    """End the MLflow run FAILED; when the server is down too, log that and let the original error stand."""
+    try:
+        client.set_tag(run_id, "sftflow.outcome", "failed")
+        client.set_terminated(run_id, "FAILED")
+    except Exception as e:  # noqa: BLE001 - the stage's error is the one to raise, not this follow-up
+        _logger().warning("could not mark MLflow run %s FAILED at %s: %s: %s", run_id, uri, type(e).__name__, e)
 
 
 def _finish(result: dict[str, Any], params: Params, started: float) -> dict[str, Any]:
