@@ -61,6 +61,30 @@ def tiny_data(tmp_path) -> Path:
     return path
 
 
+# The tiniest model and step counts that still exercise every stage; shared by the unit tests
+# (tiny_overrides) and the whole-flow tests (flow_helpers.tiny_project_overrides).
+TINY_RUN_OVERRIDES = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=64",
+    "model.max_position_embeddings=512",
+    "pretrain.max_steps=4",
+    "pretrain.batch_size=8",
+    "pretrain.block_size=64",
+    "train.max_steps=4",
+    "train.batch_size=8",
+    "train.save_steps=2",
+    "train.eval_steps=2",
+    "train.logging_steps=1",
+    "train.deepspeed_config=null",
+    "evaluate.max_new_tokens=8",
+    "evaluate.bootstrap_samples=50",
+    "promote.bootstrap_samples=50",
+]
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path, tiny_data) -> list[str]:
     """`-S` overrides that point every output into tmp_path and shrink the model and steps."""
@@ -69,24 +93,7 @@ def tiny_overrides(tmp_path, tiny_data) -> list[str]:
         f"paths.artifacts={tmp_path / 'artifacts'}",
         f"paths.metrics={tmp_path / 'metrics'}",
         f"paths.plots={tmp_path / 'plots'}",
-        "model.hidden_size=32",
-        "model.num_layers=2",
-        "model.num_heads=2",
-        "model.num_kv_heads=1",
-        "model.intermediate_size=64",
-        "model.max_position_embeddings=512",
-        "pretrain.max_steps=4",
-        "pretrain.batch_size=8",
-        "pretrain.block_size=64",
-        "train.max_steps=4",
-        "train.batch_size=8",
-        "train.save_steps=2",
-        "train.eval_steps=2",
-        "train.logging_steps=1",
-        "train.deepspeed_config=null",
-        "evaluate.max_new_tokens=8",
-        "evaluate.bootstrap_samples=50",
-        "promote.bootstrap_samples=50",
+        *TINY_RUN_OVERRIDES,
     ]
 
 

@@ -16,34 +16,14 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-from conftest import ROOT, sample_rows
+from conftest import ROOT, TINY_RUN_OVERRIDES, sample_rows
 
 BIN = Path(sys.executable).parent  # the venv's console scripts: mlflow, prefect, sftflow, dvc
 
 
 def tiny_project_overrides(data_rel: str) -> list[str]:
     """conftest's tiny_overrides, but with paths left relative: dvc.yaml's outs live in the project."""
-    return [
-        f"data.path={data_rel}",
-        "model.hidden_size=32",
-        "model.num_layers=2",
-        "model.num_heads=2",
-        "model.num_kv_heads=1",
-        "model.intermediate_size=64",
-        "pretrain.max_steps=4",
-        "pretrain.batch_size=8",
-        "pretrain.block_size=64",
-        "train.max_steps=4",
-        "train.batch_size=8",
-        "train.save_steps=2",
-        "train.eval_steps=2",
-        "train.logging_steps=1",
-        "train.deepspeed_config=null",
-        "train.torch_threads=1",
-        "evaluate.max_new_tokens=8",
-        "evaluate.bootstrap_samples=50",
-        "promote.bootstrap_samples=50",
-    ]
+    return [f"data.path={data_rel}", *TINY_RUN_OVERRIDES, "train.torch_threads=1"]
 
 
 def make_tiny_project(dest: Path, rows: int = 120) -> Path:
