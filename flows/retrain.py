@@ -407,7 +407,11 @@ def log_to_mlflow(params: Params, run_id: str) -> None:
 
 @task(name="register", task_run_name="register", cache_policy=NO_CACHE, retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def register(params: Params, run_id: str, flow_run_id: str | None) -> dict[str, Any]:
-    """Register the fine-tuned model (and quantized variants) as new versions, inside the flow's MLflow run."""
+    """Register the fine-tuned model and its quantized variants inside the flow's MLflow run.
+
+    A version that already holds the same content is reused (tasks.register), so retries never
+    duplicate one. An MLflow failure is raised as a StageError that names the tracking URI.
+    """
     import mlflow
     import requests
     from mlflow.exceptions import MlflowException
