@@ -193,9 +193,9 @@ class PretrainConfig(Section):
     """Causal-LM pretraining on the training texts (always on for a scratch base)."""
 
     enabled: bool = True
-    epochs: float = Field(default=1.0, gt=0)
+    epochs: float = Field(default=4.0, gt=0)
     max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
-    learning_rate: float = Field(default=2e-3, gt=0)
+    learning_rate: float = Field(default=3e-3, gt=0)
     batch_size: int = Field(default=16, gt=0)
     block_size: int = Field(default=256, gt=0)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
@@ -222,9 +222,9 @@ class TrainConfig(Section):
     deepspeed_config: Path | None = Path("configs/deepspeed/zero2.json")
     num_processes: int = Field(default=1, gt=0)
     torch_threads: int = Field(default=0, ge=0, description="Threads per rank; 0 = cores / ranks.")
-    epochs: float = Field(default=1.5, gt=0)
+    epochs: float = Field(default=2.0, gt=0)
     max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=2e-3, gt=0)
     batch_size: int = Field(default=16, gt=0)
     gradient_accumulation_steps: int = Field(default=1, gt=0)
     max_source_length: int = Field(default=256, gt=0)
