@@ -118,7 +118,7 @@ class ModelConfig(Section):
     max_position_embeddings: int = Field(default=512, gt=0)
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
+    def _heads_divide(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
@@ -152,7 +152,7 @@ class ValidateConfig(Section):
     max_dropped_share: float = Field(default=0.1, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "ValidateConfig":
+    def _bounds(self) -> ValidateConfig:
         if self.min_text_chars > self.max_text_chars:
             raise ValueError("validate.min_text_chars must not exceed validate.max_text_chars")
         if self.min_summary_chars > self.max_summary_chars:
@@ -170,7 +170,7 @@ class SplitConfig(Section):
     near_duplicate_threshold: float = Field(default=0.9, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _ratios_sum_to_one(self) -> "SplitConfig":
+    def _ratios_sum_to_one(self) -> SplitConfig:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(

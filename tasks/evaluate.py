@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -333,7 +332,7 @@ def plot_metrics(systems: dict[str, dict[str, Any]], path: Path, rows: int) -> N
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from tasks.io import atomic_write_bytes
+    from tasks.io import save_figure
 
     x = np.arange(len(METRICS))
     width = 0.8 / len(systems)
@@ -348,7 +347,4 @@ def plot_metrics(systems: dict[str, dict[str, Any]], path: Path, rows: int) -> N
     ax.set_title(f"test split, {rows} rows; bars: 95% bootstrap interval")
     ax.legend()
     fig.tight_layout()
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=120)

@@ -214,14 +214,13 @@ def loss_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_loss_curve(rows: list[dict[str, Any]], csv_path: Path, png_path: Path, title: str) -> None:
     """Write the loss rows as CSV (columns step,train_loss,val_loss for `dvc plots show`) and a PNG plot."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tasks.io import atomic_write_bytes, atomic_write_text
+    from tasks.io import atomic_write_text, save_figure
 
     def cell(v: Any) -> str:
         return "" if v is None else f"{v:.6g}"
@@ -239,7 +238,4 @@ def write_loss_curve(rows: list[dict[str, Any]], csv_path: Path, png_path: Path,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(Path(png_path), buf.getvalue())
+    save_figure(fig, Path(png_path), dpi=100)

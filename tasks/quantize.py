@@ -53,7 +53,6 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -474,7 +473,7 @@ def plot_comparison(metrics: dict[str, Any], methods: Sequence[str], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tasks.io import atomic_write_bytes
+    from tasks.io import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
     for ax, key, title in (
@@ -495,10 +494,7 @@ def plot_comparison(metrics: dict[str, Any], methods: Sequence[str], path: Path)
     axes[2].set_title(f"ROUGE-L (red: drop > {metrics['max_drop']:g})")
     fig.suptitle(f"quantized variants on {metrics['rows']} test rows, batch {metrics['batch_size']}")
     fig.tight_layout()
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -195,14 +195,13 @@ def _target_size(tokenizer: Any, rows: list[dict[str, Any]], params: Params) -> 
 
 def plot_candidates(table: dict[str, dict[str, Any]], chosen: str, path: Path, rows: int) -> None:
     """Two panels per candidate: summary loss (lower is better) and ROUGE-L with its 95% interval."""
-    from io import BytesIO
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tasks.io import atomic_write_bytes
+    from tasks.io import save_figure
 
     names = list(table)
     labels = [Path(n).name or n for n in names]
@@ -218,7 +217,4 @@ def plot_candidates(table: dict[str, dict[str, Any]], chosen: str, path: Path, r
         ax.tick_params(axis="x", labelrotation=20)
     fig.suptitle(f"candidate bases on {rows} val rows; chosen: {Path(chosen).name or chosen}")
     fig.tight_layout()
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)

