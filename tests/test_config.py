@@ -62,7 +62,7 @@ BAD_OVERRIDES = [
     ("split.train=0.5", ["split.train + split.val + split.test must sum to 1, got 0.7"]),
     ("data.language=fr", ["`data.language`", "'zh' or 'en'"]),
     ("data.prompt_template=no placeholder", ["`data.prompt_template`", "{text}"]),
-    ("model.num_heads=3", ["model.hidden_size (256) must be divisible by model.num_heads (3)"]),
+    ("model.hidden_size=190", ["model.hidden_size (190) must be divisible by model.num_heads (4)"]),
 ]
 
 
