@@ -32,6 +32,7 @@ test-system: setup
 	$(PY) -m pytest -q -ra -m system
 
 bench: setup
+	$(PIP) install -q -e '.[test,bench]'
 	$(PY) -m bench
 
 stack-test: setup
