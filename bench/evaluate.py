@@ -32,24 +32,16 @@ def main() -> dict:
     """Time batched and one-by-one generation on the same rows; assert identical text; return the ratio."""
     import torch
 
+    from bench.common import random_scratch_model
     from tasks.config import Params
     from tasks.generation import generate
     from tasks.io import set_seed
-    from tasks.modeling import build_scratch_model, train_tokenizer
 
     params = Params()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     set_seed(0)
     rows, corpus = _rows(ROWS)
-    tokenizer = train_tokenizer(
-        [r["text"] for r in corpus] + [r["summary"] for r in corpus], kind="char", vocab_size=params.model.vocab_size
-    )
-    model = build_scratch_model(params.model, tokenizer)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1, generator=g)
+    model, tokenizer = random_scratch_model(params, corpus, std=0.1)
     texts = [r["text"] for r in rows]
     kw = {
         "prompt_template": params.data.prompt_template,

@@ -39,28 +39,15 @@ def _test_rows(n: int) -> list[dict]:
 
 def _model(params):
     """(model, tokenizer, description): the trained model, or a default-shaped scratch one."""
-    import torch
-
-    from tasks.io import set_seed
-    from tasks.modeling import (
-        build_scratch_model,
-        load_model_and_tokenizer,
-        train_tokenizer,
-    )
+    from bench.common import random_scratch_model
+    from tasks.modeling import load_model_and_tokenizer
 
     trained = Path(os.environ.get("SFTFLOW_BENCH_MODEL", ROOT / "artifacts" / "train" / "model"))
     if (trained / "config.json").exists():
         model, tok = load_model_and_tokenizer(trained)
         return model, tok, f"model {trained}"
-    set_seed(0)
     corpus = [json.loads(line) for line in (ROOT / "data" / "sample" / "zh_summ.jsonl").open(encoding="utf-8")]
-    tok = train_tokenizer([r["text"] for r in corpus] + [r["summary"] for r in corpus], "char", params.model.vocab_size)
-    model = build_scratch_model(params.model, tok)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05, generator=g)
+    model, tok = random_scratch_model(params, corpus, std=0.05)
     return model, tok, "scratch default-shaped model with random weights (no artifacts/train/model)"
 
 
