@@ -60,21 +60,7 @@ def generate(
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; load it with tasks.modeling.load_model_and_tokenizer")
 
-    has_chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    if max_source_length is None:
-        prompts = [build_prompt(t, prompt_template, tokenizer, use_chat_template) for t in texts]
-        # A chat template already spells out BOS and friends; adding them again would double them.
-        prompt_ids = tokenizer(prompts, add_special_tokens=not has_chat)["input_ids"]
-    else:
-        prompt_ids = []
-        truncated = 0
-        for t in texts:
-            # The prompt part of a training example (labels -100), for an empty summary.
-            f = encode_example(tokenizer, t, "", prompt_template, use_chat_template, max_source_length, 1)
-            prompt_ids.append([i for i, label in zip(f["input_ids"], f["labels"]) if label == -100])
-            truncated += f["truncated_source"]
-        if truncated:
-            log.info("%d of %d texts cut to fit max_source_length=%d tokens", truncated, len(texts), max_source_length)
+    prompt_ids = encode_prompts(tokenizer, texts, prompt_template, use_chat_template, max_source_length)
     lengths = [len(ids) for ids in prompt_ids]
     # Longest first: the widest batch runs first (memory errors show at once) and padding stays small.
     order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
@@ -86,7 +72,7 @@ def generate(
             max(lengths), max_new_tokens, context,
         )
 
-    gen_config = _greedy_config(model, tokenizer, max_new_tokens)
+    gen_config = greedy_config(model, tokenizer, max_new_tokens)
     eos_ids = set(_as_list(gen_config.eos_token_id))
     was_training = model.training
     model.eval()
@@ -123,7 +109,35 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     return ids, mask
 
 
-def _greedy_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
+def encode_prompts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    prompt_template: str,
+    use_chat_template: bool,
+    max_source_length: int | None = None,
+) -> list[list[int]]:
+    """The prompt token ids the model sees for each text (generate and the app's streaming share it).
+
+    With `max_source_length` the text is cut exactly as training cuts it (`encode_example`).
+    """
+    if max_source_length is None:
+        has_chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        prompts = [build_prompt(t, prompt_template, tokenizer, use_chat_template) for t in texts]
+        # A chat template already spells out BOS and friends; adding them again would double them.
+        return tokenizer(prompts, add_special_tokens=not has_chat)["input_ids"]
+    prompt_ids = []
+    truncated = 0
+    for t in texts:
+        # The prompt part of a training example (labels -100), for an empty summary.
+        f = encode_example(tokenizer, t, "", prompt_template, use_chat_template, max_source_length, 1)
+        prompt_ids.append([i for i, label in zip(f["input_ids"], f["labels"]) if label == -100])
+        truncated += f["truncated_source"]
+    if truncated:
+        log.info("%d of %d texts cut to fit max_source_length=%d tokens", truncated, len(texts), max_source_length)
+    return prompt_ids
+
+
+def greedy_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
     """The model's generation config made plain greedy: no sampling, beams or penalties from the hub."""
     from transformers import GenerationConfig
 

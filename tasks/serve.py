@@ -18,7 +18,7 @@ from typing import Any
 
 from tasks.config import Params, env_flag
 from tasks.errors import StageError
-from tasks.prompt import build_prompt, encode_example
+from tasks.generation import encode_prompts, greedy_config
 
 log = logging.getLogger(__name__)
 
@@ -274,15 +274,14 @@ def summarize(served: ServedVersion, text: str) -> str:
 
 def prompt_ids(tokenizer: Any, text: str, settings: dict[str, Any]) -> list[int]:
     """The prompt tokens `tasks.generation.generate` feeds the model for this text and these settings."""
-    use_chat = bool(settings["use_chat_template"])
     max_source_length = settings.get("max_source_length")
-    if max_source_length:
-        f = encode_example(tokenizer, text, "", settings["prompt_template"], use_chat, int(max_source_length), 1)
-        return [i for i, label in zip(f["input_ids"], f["labels"]) if label == -100]
-    prompt = build_prompt(text, settings["prompt_template"], tokenizer, use_chat)
-    # A chat template already spells out its special tokens (as in generate()).
-    add_special = not (use_chat and getattr(tokenizer, "chat_template", None))
-    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    return encode_prompts(
+        tokenizer,
+        [text],
+        settings["prompt_template"],
+        bool(settings["use_chat_template"]),
+        int(max_source_length) if max_source_length else None,
+    )[0]
 
 
 def stream_summary(served: ServedVersion, text: str, max_new_tokens: int) -> Iterator[str]:
@@ -290,13 +289,11 @@ def stream_summary(served: ServedVersion, text: str, max_new_tokens: int) -> Ite
     import torch
     from transformers import TextIteratorStreamer
 
-    from tasks.generation import _greedy_config
-
     model, tokenizer = served.model, served.tokenizer
     ids = torch.tensor([prompt_ids(tokenizer, text, served.settings)], dtype=torch.long, device=model.device)
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    config = _greedy_config(model, tokenizer, int(max_new_tokens))
+    config = greedy_config(model, tokenizer, int(max_new_tokens))
     failure: list[Exception] = []
 
     def work() -> None:
