@@ -13,8 +13,8 @@ def random_scratch_model(params: Any, corpus: list[dict], std: float) -> tuple[A
     """
     import torch
 
-    from tasks.io import set_seed
-    from tasks.modeling import build_scratch_model, train_tokenizer
+    from tasks.core.io import set_seed
+    from tasks.core.modeling import build_scratch_model, train_tokenizer
 
     set_seed(0)
     tokenizer = train_tokenizer(

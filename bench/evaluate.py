@@ -1,4 +1,4 @@
-"""Batched vs one-by-one generation: rows/s of `tasks.generation.generate` on the same model and rows.
+"""Batched vs one-by-one generation: rows/s of `tasks.core.generation.generate` on the same model and rows.
 
 The model is a scratch decoder of the default shape (params.yaml `model:`) with a character tokenizer
 trained on the demo data; its weights are drawn with a large std so that each row gets a different
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +34,9 @@ def main() -> dict:
     import torch
 
     from bench.common import random_scratch_model
-    from tasks.config import Params
-    from tasks.generation import generate
-    from tasks.io import set_seed
+    from tasks.core.config import Params
+    from tasks.core.generation import GenerationSettings, generate
+    from tasks.core.io import set_seed
 
     params = Params()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -43,28 +44,23 @@ def main() -> dict:
     rows, corpus = _rows(ROWS)
     model, tokenizer = random_scratch_model(params, corpus, std=0.1)
     texts = [r["text"] for r in rows]
-    kw = {
-        "prompt_template": params.data.prompt_template,
-        "use_chat_template": params.data.use_chat_template,
-        "max_new_tokens": params.evaluate.max_new_tokens,
-        "max_source_length": params.train.max_source_length,
-    }
-    generate(model, tokenizer, texts[:2], batch_size=2, **kw)  # warm-up: first-call allocations
+    settings = GenerationSettings.of(params)
+    one = replace(settings, batch_size=1)
+    generate(model, tokenizer, texts[:2], replace(settings, batch_size=2))  # warm-up: first-call allocations
 
     start = time.perf_counter()
-    batched = generate(model, tokenizer, texts, batch_size=params.evaluate.batch_size, **kw)
+    batched = generate(model, tokenizer, texts, settings)
     batched_s = time.perf_counter() - start
     start = time.perf_counter()
-    single = generate(model, tokenizer, texts, batch_size=1, **kw)
+    single = generate(model, tokenizer, texts, one)
     single_s = time.perf_counter() - start
 
     # Prefill alone (one new token): its compute is the same batched or not, which bounds the ratio.
-    prefill_kw = {**kw, "max_new_tokens": 1}
     start = time.perf_counter()
-    generate(model, tokenizer, texts, batch_size=params.evaluate.batch_size, **prefill_kw)
+    generate(model, tokenizer, texts, replace(settings, max_new_tokens=1))
     batched_prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    generate(model, tokenizer, texts, batch_size=1, **prefill_kw)
+    generate(model, tokenizer, texts, replace(one, max_new_tokens=1))
     single_prefill_s = time.perf_counter() - start
     decode_ratio = (single_s - single_prefill_s) / max(batched_s - batched_prefill_s, 1e-9)
 

@@ -31,10 +31,10 @@ def main() -> int:
     import bitsandbytes as bnb
 
     from bench.quantize import _model
-    from tasks.config import Params, load_params
-    from tasks.generation import generate
-    from tasks.io import write_jsonl
-    from tasks.modeling import save_model
+    from tasks.core.config import Params, load_params
+    from tasks.core.generation import GenerationSettings, generate
+    from tasks.core.io import write_jsonl
+    from tasks.core.modeling import save_model
     from tasks.quantize import load_quantized, quantize_bnb, run
 
     tmp = Path(tempfile.mkdtemp(prefix="gpu-quantize-"))
@@ -43,17 +43,17 @@ def main() -> int:
     save_model(model, tok, tmp / "artifacts" / "train" / "model")
     rows = [json.loads(line) for line in (ROOT / "data" / "sample" / "zh_summ.jsonl").open(encoding="utf-8")][-32:]
     texts = [r["text"] for r in rows]
-    kw = {"prompt_template": params.data.prompt_template, "use_chat_template": True, "max_new_tokens": 24, "batch_size": 16}
+    settings = GenerationSettings(params.data.prompt_template, use_chat_template=True, max_new_tokens=24, batch_size=16)
     print(f"model: {which}; GPU: {torch.cuda.get_device_name(0)}; bitsandbytes {bnb.__version__}")
 
     failures = []
     for method, layer_type in (("bnb-int8", bnb.nn.Linear8bitLt), ("bnb-nf4", bnb.nn.Linear4bit)):
         q, qtok = quantize_bnb(tmp / "artifacts" / "train" / "model", method, tmp / method)
-        before = generate(q, qtok, texts, **kw)
+        before = generate(q, qtok, texts, settings)
         del q
         torch.cuda.empty_cache()
         again, again_tok = load_quantized(tmp / method)
-        after = generate(again, again_tok, texts, **kw)
+        after = generate(again, again_tok, texts, settings)
         n_quantized = sum(isinstance(m, layer_type) for m in again.modules())
         ok = after == before and n_quantized > 0
         print(f"{method}: {n_quantized} {layer_type.__name__} layers; reload gives the same outputs: {after == before}")

@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def _test_rows(n: int) -> list[dict]:
 def _model(params):
     """(model, tokenizer, description): the trained model, or a default-shaped scratch one."""
     from bench.common import random_scratch_model
-    from tasks.modeling import load_model_and_tokenizer
+    from tasks.core.modeling import load_model_and_tokenizer
 
     trained = Path(os.environ.get("SFTFLOW_BENCH_MODEL", ROOT / "artifacts" / "train" / "model"))
     if (trained / "config.json").exists():
@@ -60,11 +61,12 @@ def main() -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from tasks.config import Params
-    from tasks.generation import generate
-    from tasks.modeling import save_model
-    from tasks.quantize import load_quantized, quantize_int8, save_int8, weights_bytes
-    from tasks.scoring import score
+    from tasks.core.config import Params
+    from tasks.core.generation import GenerationSettings, generate
+    from tasks.core.modeling import save_model
+    from tasks.core.variants import load_quantized, save_int8, weights_bytes
+    from tasks.quantize import quantize_int8
+    from tasks.core.scoring import score
 
     torch.set_num_threads(1)
     params = Params()
@@ -106,23 +108,17 @@ def main() -> dict:
     loaded, _ = load_quantized(tmp / "int8")
     candidates["ours: int8 (torch dynamic int8 linears)"] = (loaded, weights_bytes(tmp / "int8"))
 
-    kw = {
-        "prompt_template": params.data.prompt_template,
-        "use_chat_template": params.data.use_chat_template,
-        "max_new_tokens": params.evaluate.max_new_tokens,
-        "max_source_length": params.train.max_source_length,
-        "batch_size": BATCH_SIZE,
-    }
+    settings = replace(GenerationSettings.of(params), batch_size=BATCH_SIZE)
     texts = [r["text"] for r in rows]
     outputs, cpu = {}, {name: [] for name in candidates}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, (model, _) in candidates.items():
-            generate(model, tok, texts[:2], **{**kw, "max_new_tokens": 2})  # warm-up
+            generate(model, tok, texts[:2], replace(settings, max_new_tokens=2))  # warm-up
         for _ in range(REPEATS):
             for name, (model, _) in candidates.items():
                 start = time.process_time()
-                outputs[name] = generate(model, tok, texts, **kw)
+                outputs[name] = generate(model, tok, texts, settings)
                 cpu[name].append(time.process_time() - start)
     references = [r["summary"] for r in rows]
     rouge = {name: score(out, references, params.data.language, bootstrap_samples=10)["rouge-l"] for name, out in outputs.items()}

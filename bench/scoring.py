@@ -18,8 +18,8 @@ BUDGET_S = 60.0
 
 def main() -> dict:
     """Score 1,000 demo rows and return the timing."""
-    from tasks.config import Params
-    from tasks.scoring import score, tokenize
+    from tasks.core.config import Params
+    from tasks.core.scoring import score, tokenize
 
     params = Params()
     rows = []

@@ -77,7 +77,7 @@ def matmul_peak(dtype_name: str, n: int, seconds: float = 3.0) -> dict[str, Any]
 
 def _arm_params(workdir: Path, arm: str) -> Any:
     """The project's params.yaml, outputs under `workdir/arm`, STEPS steps and THREADS threads."""
-    from tasks.config import load_params
+    from tasks.core.config import load_params
 
     overrides = [
         f"paths.artifacts={workdir / arm / 'artifacts'}",
@@ -95,8 +95,8 @@ def _arm_params(workdir: Path, arm: str) -> Any:
 
 def prepare(workdir: Path) -> dict[str, Any]:
     """Write the splits and an untrained scratch base (the shipped model shape); link them for every arm."""
-    from tasks.io import read_jsonl, set_seed, write_jsonl
-    from tasks.modeling import (
+    from tasks.core.io import read_jsonl, set_seed, write_jsonl
+    from tasks.core.modeling import (
         build_scratch_model,
         count_parameters,
         save_model,
@@ -104,7 +104,7 @@ def prepare(workdir: Path) -> dict[str, Any]:
     )
 
     params = _arm_params(workdir, "shared")
-    split_dir = params.paths.stage_dir("split")
+    split_dir = params.layout.stage_dir("split")
     shipped = ROOT / "artifacts" / "split"
     if (shipped / "train.jsonl").exists() and (shipped / "val.jsonl").exists():
         source = f"{shipped}/train.jsonl"
@@ -127,12 +127,12 @@ def prepare(workdir: Path) -> dict[str, Any]:
         vocab_size=params.model.vocab_size,
     )
     model = build_scratch_model(params.model, tokenizer)
-    save_model(model, tokenizer, params.paths.stage_dir("pretrain") / "model")
+    save_model(model, tokenizer, params.layout.stage_dir("pretrain") / "model")
     for arm in ARMS:  # each arm writes its own artifacts/train/, reads the same base and splits
         arm_dir = _arm_params(workdir, arm).paths.artifacts
         arm_dir.mkdir(parents=True)
         for stage in ("split", "pretrain"):
-            (arm_dir / stage).symlink_to(params.paths.stage_dir(stage).resolve(), target_is_directory=True)
+            (arm_dir / stage).symlink_to(params.layout.stage_dir(stage).resolve(), target_is_directory=True)
     _, total = count_parameters(model)
     return {
         "train_rows": len(train_rows),
@@ -207,7 +207,7 @@ class Meter:
         """A TrainerCallback that takes the baton for each step and records the step's time and tokens."""
         from transformers import TrainerCallback
 
-        from tasks.modeling import peak_rss_mb
+        from tasks.core.training import peak_rss_mb
 
         meter = self
         open_step: dict[str, float] = {}
@@ -290,15 +290,15 @@ def run_bare(workdir: Path, baton: Baton) -> dict[str, Any]:
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from tasks.io import read_jsonl, set_seed
-    from tasks.modeling import load_model_and_tokenizer
+    from tasks.core.io import read_jsonl, set_seed
+    from tasks.core.modeling import load_model_and_tokenizer
     from tasks.train import encode_rows
 
     params = _arm_params(workdir, "bare")
     cfg = params.train
     torch.set_num_threads(THREADS)
-    model, tokenizer = load_model_and_tokenizer(params.paths.stage_dir("pretrain") / "model")
-    features, _ = encode_rows(params, tokenizer, read_jsonl(params.paths.stage_dir("split") / "train.jsonl"))
+    model, tokenizer = load_model_and_tokenizer(params.layout.stage_dir("pretrain") / "model")
+    features, _ = encode_rows(params, tokenizer, read_jsonl(params.layout.stage_dir("split") / "train.jsonl"))
     set_seed(cfg.seed)
     args = TrainingArguments(
         output_dir=str(workdir / "bare" / "out"),

@@ -23,7 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DEFAULT_PARAMS_FILE, ParamsError, load_params
+from flows import FLOW_STAGES
+from tasks.core.config import DEFAULT_PARAMS_FILE, ParamsError, load_params
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def deploy(
         raise ParamsError(f"{root} holds no flows/retrain.py: pass the params.yaml of the sftflow project")
     api_url = _check_server()
     parameters = {"params_path": str(params_file), "overrides": list(overrides or []), "force": False}
-    description = "Retrain when the data or params changed: validate → split → select → pretrain → train → evaluate → quantize → register → promote"
+    description = f"Retrain when the data or params changed: {' → '.join(FLOW_STAGES)}"
 
     if serve:
         log.info("serving retrain/%s on %r; scheduled runs execute in this process (Ctrl-C stops)", name, cron)

@@ -7,6 +7,7 @@
     sftflow rollback                            champion back to the previous champion
     sftflow lineage VERSION                     data → params → code → metrics of a model version
     sftflow serve   [--host H] [--port P]       the Gradio app for the champion
+    sftflow params  [--markdown]                every params key: type, default, description
 """
 
 from __future__ import annotations
@@ -15,24 +16,19 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DEFAULT_PARAMS_FILE, ParamsError, load_params
-from tasks.errors import SftflowError
+from tasks.core.config import DEFAULT_PARAMS_FILE, ParamsError, load_params
+from tasks.core.errors import SftflowError
+from tasks.core.params_doc import REGENERATE, markdown, stage_epilog, text_table
+from tasks.core.stages import STAGES, Stage, stage
 
-# One line per stage for `--help`; the stage modules import torch etc., so they load only on use.
-STAGE_HELP = {
-    "validate": "check the raw data with Great Expectations; write the clean data and a report",
-    "split": "split the clean data into train/val/test by a hash of each row's content",
-    "select": "score candidate base models on validation rows and pick the best",
-    "pretrain": "build the scratch base (tokenizer + decoder) or load a base; pretrain it on the corpus",
-    "train": "supervised fine-tuning (LoRA or full) through the HF Trainer and DeepSpeed",
-    "evaluate": "generate summaries for the test split; score ROUGE/BLEU with bootstrap intervals",
-    "quantize": "quantize the fine-tuned model; measure size, latency and ROUGE-L against full precision",
-    "register": "log the fine-tuned model to MLflow and register a new version with lineage tags",
-}
+# Stages that run as `sftflow <stage>` with nothing but params (promote and serve take more flags).
+PLAIN_STAGES = tuple(s for s in STAGES if s.name not in {"promote", "serve"})
 
 
 def _add_params_args(p: argparse.ArgumentParser) -> None:
@@ -48,14 +44,25 @@ def _add_params_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _stage_parser(sub: Any, spec: Stage, **kwargs: Any) -> argparse.ArgumentParser:
+    """The subparser of a stage: its help line, and the params it reads (with descriptions) as the epilog."""
+    return sub.add_parser(
+        spec.name,
+        help=spec.help,
+        epilog=stage_epilog(spec),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     """Build the argument parser (no side effects)."""
     parser = argparse.ArgumentParser(prog="sftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for stage, text in STAGE_HELP.items():
-        _add_params_args(sub.add_parser(stage, help=text, description=text))
+    for spec in PLAIN_STAGES:
+        _add_params_args(_stage_parser(sub, spec, description=spec.help))
 
     p = sub.add_parser(
         "run",
@@ -74,7 +81,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="retrain-scheduled", help="deployment name")
     p.add_argument("--serve", action="store_true", help="keep serving the deployment (flow.serve) after creating it")
 
-    p = sub.add_parser("promote", help="promote the newest challenger if it passes the gate, or force --version")
+    p = _stage_parser(sub, stage("promote"))
     _add_params_args(p)
     p.add_argument("--version", type=int, default=None, help="force this version to champion (tagged manual)")
 
@@ -85,10 +92,18 @@ def make_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.add_argument("version", help="model version number (or an alias such as champion)")
 
-    p = sub.add_parser("serve", help="serve the champion in a Gradio app")
+    p = _stage_parser(sub, stage("serve"))
     _add_params_args(p)
     p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
+
+    p = sub.add_parser(
+        "params",
+        help="list every params key: section.key, type, default and description",
+        description="list every params key with its type, default and description (from tasks/core/config.py). "
+        f"docs/params.md holds the --markdown output: regenerate it with `{REGENERATE}`.",
+    )
+    p.add_argument("--markdown", action="store_true", help="print the markdown of docs/params.md instead of a table")
     return parser
 
 
@@ -104,10 +119,16 @@ def _print_result(result: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sftflow` console script."""
     args = make_parser().parse_args(argv)
+    rank = os.environ.get("RANK")  # set in the torchrun ranks `tasks.core.launch` starts
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.INFO if rank in (None, "0") else logging.WARNING,
+        format="%(asctime)s " + (f"rank{rank} " if rank else "") + "%(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "params":
+        # A terminal gets the table wrapped to its width; a pipe gets one line per key (for grep).
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+        sys.stdout.write(markdown() if args.markdown else text_table(width))
+        return 0
     try:
         if args.command == "run":
             from flows.retrain import main as run_flow
@@ -120,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         params = load_params(args.params, args.overrides)
-        if args.command in STAGE_HELP:
+        if args.command in {s.name for s in PLAIN_STAGES}:
             module = importlib.import_module(f"tasks.{args.command}")
             _print_result(module.run(params))
         elif args.command == "promote":

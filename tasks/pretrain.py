@@ -21,46 +21,30 @@ import shutil
 import time
 from typing import Any
 
-from tasks.config import Params
-from tasks.errors import StageError
-from tasks.io import configure_threads, read_json, read_jsonl, set_seed, write_json
-from tasks.launch import threads_per_rank
-from tasks.modeling import (
-    build_scratch_model,
-    count_parameters,
-    load_model_and_tokenizer,
-    loss_rows,
-    peak_rss_mb,
-    save_model,
-    train_tokenizer,
-    write_loss_curve,
-)
+from tasks.core.data import read_split
+from tasks.core.errors import StageError
+from tasks.core.io import configure_threads, read_json, set_seed, write_json
+from tasks.core.launch import threads_per_rank
+from tasks.core.modeling import count_parameters, load_model_and_tokenizer, save_model, scratch_base
+from tasks.core.plots import write_loss_curve
+from tasks.core.prompt import collate_features
+from tasks.core.stage_params import StageParams, stage_entry
+from tasks.core.training import loss_rows, peak_rss_mb, training_arguments
 
 log = logging.getLogger(__name__)
 
 STAGE = "pretrain"
 
 
-def chosen_base(params: Params) -> tuple[str, str]:
+def chosen_base(params: StageParams) -> tuple[str, str]:
     """The base to start from and where that choice came from (`select` or `model.base`)."""
-    choice_file = params.paths.stage_dir("select") / "choice.json"
+    choice_file = params.layout.select_choice
     if choice_file.exists():
         choice = read_json(choice_file)
         if not isinstance(choice, dict) or not choice.get("base"):
             raise StageError(f"{choice_file} has no `base` key; rerun `sftflow select` or delete the file")
         return str(choice["base"]), str(choice_file)
     return params.model.base, "model.base"
-
-
-def split_rows(params: Params, name: str) -> list[dict[str, Any]]:
-    """Rows of one split written by the `split` stage."""
-    path = params.paths.stage_dir("split") / f"{name}.jsonl"
-    if not path.exists():
-        raise StageError(f"{path} does not exist; run `sftflow validate && sftflow split` first")
-    rows = read_jsonl(path)
-    if not rows:
-        raise StageError(f"{path} is empty; the split stage gave this split no rows")
-    return rows
 
 
 def pack_blocks(tokenizer: Any, documents: list[str], block_size: int) -> list[list[int]]:
@@ -95,11 +79,12 @@ def tokenizer_stats(tokenizer: Any, texts: list[str]) -> dict[str, float]:
     }
 
 
-def run(params: Params) -> dict[str, Any]:
+@stage_entry("pretrain")
+def run(params: StageParams) -> dict[str, Any]:
     """Build or load the base, pretrain it on the training split, save it as a HF folder.
 
     Args:
-        params: all params; reads `model`, `pretrain`, `data.prompt_template` and `paths`.
+        params: the stage's slice: `model`, `pretrain`, `data.prompt_template`.
 
     Returns:
         The metrics written to `metrics/pretrain.json`.
@@ -115,16 +100,13 @@ def run(params: Params) -> dict[str, Any]:
             "pretrain.enabled is false but the base is `scratch`: a randomly initialised decoder is no base "
             "to fine-tune. Set pretrain.enabled: true, or set model.base to a model directory or hub id"
         )
-    train_rows = split_rows(params, "train")
-    val_rows = split_rows(params, "val")
+    train_rows = read_split(params.layout, "train")
+    val_rows = read_split(params.layout, "val")
     threads = configure_threads(threads_per_rank(0, 1))
     set_seed(cfg.seed)
 
     if base == "scratch":
-        corpus = [r["text"] for r in train_rows] + [r["summary"] for r in train_rows]
-        # The template's own characters (instruction, "标题：") must be in the vocabulary, not <unk>.
-        tokenizer = train_tokenizer(corpus + [params.data.prompt_template], params.model.tokenizer, params.model.vocab_size)
-        model = build_scratch_model(params.model, tokenizer)
+        model, tokenizer = scratch_base(params.model, train_rows, params.data.prompt_template, cfg.seed)
     else:
         # Training wants fp32 master weights; a base passed through untouched keeps its own dtype (bf16 halves the copy).
         model, tokenizer = load_model_and_tokenizer(
@@ -147,23 +129,23 @@ def run(params: Params) -> dict[str, Any]:
     if cfg.enabled:
         metrics.update(_pretrain(params, model, tokenizer, train_rows, val_rows, history))
 
-    out_dir = params.paths.stage_dir(STAGE) / "model"
+    out_dir = params.layout.model_dir(STAGE)
     tmp_dir = out_dir.with_name(".model.tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     save_model(model, tokenizer, tmp_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)  # readers never see half a model
     metrics["peak_rss_mb"] = peak_rss_mb()
-    write_json(params.paths.metrics_file(STAGE), metrics)
+    write_json(params.layout.metrics_file(STAGE), metrics)
     if history:
-        plots = params.paths.plots_dir(STAGE)
+        plots = params.layout.plots_dir(STAGE)
         write_loss_curve(loss_rows(history), plots / "loss.csv", plots / "loss.png", f"pretrain: {base}")
     log.info("pretrain: wrote %s", out_dir)
     return metrics
 
 
 def _pretrain(
-    params: Params,
+    params: StageParams,
     model: Any,
     tokenizer: Any,
     train_rows: list[dict[str, Any]],
@@ -172,54 +154,26 @@ def _pretrain(
 ) -> dict[str, Any]:
     """Causal-LM training on packed blocks of texts and summaries; fills `history` with the Trainer's log."""
     import torch
-    from transformers import Trainer, TrainingArguments
-
-    from tasks.prompt import collate_features
+    from transformers import Trainer
 
     cfg = params.pretrain
     block_size = min(cfg.block_size, getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
-    docs = [r["text"] for r in train_rows] + [r["summary"] for r in train_rows]
-    train_blocks = pack_blocks(tokenizer, docs, block_size)
-    val_blocks = pack_blocks(tokenizer, [r["text"] for r in val_rows] + [r["summary"] for r in val_rows], block_size)
-    if not train_blocks:
-        raise StageError(
-            f"the training split holds fewer than {block_size} tokens; lower pretrain.block_size or add data"
-        )
-    log.info("pretrain corpus: %d blocks of %d tokens (val %d blocks)", len(train_blocks), block_size, len(val_blocks))
-
-    def features(blocks: list[list[int]]) -> list[dict[str, list[int]]]:
-        return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": b} for b in blocks]
+    train_blocks, val_blocks = _corpus_blocks(tokenizer, train_rows, val_rows, block_size)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    work_dir = params.paths.stage_dir(STAGE) / "trainer"
-    args = TrainingArguments(
-        output_dir=str(work_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=0.01,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
+    work_dir = params.layout.stage_dir(STAGE) / "trainer"
+    args = training_arguments(
+        work_dir,
+        cfg,
         save_strategy="no",
         eval_strategy="no",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
     )
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=features(train_blocks),
-        eval_dataset=features(val_blocks) if val_blocks else None,
+        train_dataset=_features(train_blocks),
+        eval_dataset=_features(val_blocks) if val_blocks else None,
         data_collator=lambda batch: collate_features(batch, pad_id),
     )
     start = time.perf_counter()
@@ -244,3 +198,22 @@ def _pretrain(
     )
     shutil.rmtree(work_dir, ignore_errors=True)
     return out
+
+
+def _corpus_blocks(
+    tokenizer: Any, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]], block_size: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The texts and summaries of each split packed into blocks; StageError when training gets none."""
+    train_blocks = pack_blocks(tokenizer, [r["text"] for r in train_rows] + [r["summary"] for r in train_rows], block_size)
+    val_blocks = pack_blocks(tokenizer, [r["text"] for r in val_rows] + [r["summary"] for r in val_rows], block_size)
+    if not train_blocks:
+        raise StageError(
+            f"the training split holds fewer than {block_size} tokens; lower pretrain.block_size or add data"
+        )
+    log.info("pretrain corpus: %d blocks of %d tokens (val %d blocks)", len(train_blocks), block_size, len(val_blocks))
+    return train_blocks, val_blocks
+
+
+def _features(blocks: list[list[int]]) -> list[dict[str, list[int]]]:
+    """Causal-LM features of packed blocks: every token is a label."""
+    return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": b} for b in blocks]

@@ -29,14 +29,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Params
-from tasks.errors import StageError
-from tasks.io import file_sha256, read_jsonl
+from tasks.core.errors import StageError
+from tasks.core.io import file_sha256, read_jsonl
+from tasks.core.registry import (
+    CHALLENGER,
+    CHAMPION,
+    alias_version,
+    client,
+    load_row_scores,
+    newest_version,
+    resolve_version,
+    save_row_scores,
+    variant_uris,
+)
+from tasks.core.scoring import paired_bootstrap, score
+from tasks.core.stage_params import StageParams, stage_entry
+from tasks.core.tracking import setup_mlflow, tracking_uri
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 HISTORY_TAG = "promote.history"
 HISTORY_LENGTH = 100  # registry tag values are bounded; the newest champions are what rollback needs
 LOCK_NAME = "sftflow-promote.lock"
@@ -45,19 +56,13 @@ LOCK_NAME = "sftflow-promote.lock"
 # ----------------------------------------------------------------------------- registry helpers
 
 
-def _client(params: Params) -> Any:
-    import mlflow
-
-    from tasks.tracking import setup_mlflow
-
-    setup_mlflow(params)
-    return mlflow.MlflowClient()
+def _client(params: StageParams) -> Any:
+    setup_mlflow(params.register.experiment)
+    return client()
 
 
 def lock_path() -> Path:
     """The promotion lock: beside a sqlite store, else in the project root (the cwd)."""
-    from tasks.tracking import tracking_uri
-
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):]).resolve()
@@ -82,12 +87,6 @@ def promotion_lock() -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _alias_version(client: Any, name: str, alias: str) -> str | None:
-    """The version number an alias points at, or None."""
-    version = client.get_registered_model(name).aliases.get(alias)
-    return None if version is None else str(version)
-
-
 def _history(client: Any, name: str) -> list[str]:
     raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
     return [str(v) for v in json.loads(raw)] if raw else []
@@ -95,7 +94,7 @@ def _history(client: Any, name: str) -> list[str]:
 
 def _set_champion(client: Any, name: str, version: str, expected: str | None) -> None:
     """Compare-and-set: move `champion` to `version` only if it still points at `expected`."""
-    current = _alias_version(client, name, CHAMPION)
+    current = alias_version(client, name, CHAMPION)
     if current != expected:
         raise StageError(
             f"champion of {name} moved from {expected} to {current} while version {version} was gated; "
@@ -104,7 +103,7 @@ def _set_champion(client: Any, name: str, version: str, expected: str | None) ->
     client.set_registered_model_alias(name, CHAMPION, str(version))
     history = _history(client, name) + [str(version)]
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_LENGTH:]))
-    after = _alias_version(client, name, CHAMPION)
+    after = alias_version(client, name, CHAMPION)
     if after != str(version):  # another writer (without the lock, e.g. a second machine) got in
         raise StageError(f"champion of {name} is {after} right after setting it to {version}: re-run promote")
 
@@ -127,32 +126,19 @@ def _log_to_active_run(decision: dict[str, Any]) -> None:
         mlflow.log_metrics(figures)
 
 
-def newest_version(client: Any, name: str) -> Any:
-    """The highest version number of a registered model."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = client.search_model_versions(f"name='{name}'")
-    except MlflowException as e:
-        raise StageError(f"cannot list versions of {name}: {e}") from e
-    if not versions:
-        raise StageError(f"{name} has no registered version: run `sftflow register` first")
-    return max(versions, key=lambda v: int(v.version))
-
-
 # ----------------------------------------------------------------------------- per-row scores
 
 
-def _current_test(params: Params, fallback_sha: str) -> tuple[str, Path | None]:
+def _current_test(params: StageParams, fallback_sha: str) -> tuple[str, Path | None]:
     """(sha256, path) of the current test split; the candidate's split when the file is not here."""
-    path = params.paths.stage_dir("split") / "test.jsonl"
+    path = params.layout.split("test")
     if path.exists():
         return file_sha256(path), path
     log.info("%s is not here: comparing on the candidate's test split %s", path, fallback_sha[:12])
     return fallback_sha, None
 
 
-def rescore(params: Params, name: str, version: str, test_path: Path, ids: list[str] | None = None) -> dict[str, float]:
+def rescore(params: StageParams, name: str, version: str, test_path: Path, ids: list[str] | None = None) -> dict[str, float]:
     """Load a registered version, generate for the test rows and score per-row ROUGE-L.
 
     Args:
@@ -167,8 +153,6 @@ def rescore(params: Params, name: str, version: str, test_path: Path, ids: list[
     """
     import mlflow
     import pandas as pd
-
-    from tasks.scoring import score
 
     rows = read_jsonl(test_path)
     if ids is not None:
@@ -187,7 +171,7 @@ def rescore(params: Params, name: str, version: str, test_path: Path, ids: list[
 
 
 def row_scores(
-    params: Params, name: str, mv: Any, test_sha: str, test_path: Path | None, ids: list[str] | None = None
+    params: StageParams, name: str, mv: Any, test_sha: str, test_path: Path | None, ids: list[str] | None = None
 ) -> tuple[dict[str, float], bool]:
     """Per-row ROUGE-L of a version on the test split `test_sha`: cached, else scored and cached.
 
@@ -197,15 +181,13 @@ def row_scores(
     Raises:
         StageError: no cached scores for that split and no test file to score on.
     """
-    from tasks.register import load_row_scores, save_row_scores
-
     cached = load_row_scores(mv.run_id, test_sha)
     if cached is not None and (ids is None or set(ids) <= cached.keys()):
         return cached, False
     if test_path is None:
         raise StageError(
             f"version {mv.version} has no row scores for test split {test_sha[:12]} and "
-            f"{params.paths.stage_dir('split') / 'test.jsonl'} is not here to score it: run `dvc pull` or `sftflow split`"
+            f"{params.layout.split('test')} is not here to score it: run `dvc pull` or `sftflow split`"
         )
     scores = rescore(params, name, mv.version, test_path, ids)
     save_row_scores(mv.run_id, test_sha, {**(cached or {}), **scores})
@@ -217,14 +199,9 @@ def row_scores(
 
 def variant_drops(tags: dict[str, str]) -> dict[str, float | None]:
     """ROUGE-L points each registered quantized variant of a version loses (None: not measured)."""
-    from tasks.register import VARIANT_TAG
-
     out: dict[str, float | None] = {}
     full = tags.get("evaluate.rouge-l")
-    for key in tags:
-        if not key.startswith(VARIANT_TAG):
-            continue
-        method = key[len(VARIANT_TAG):]
+    for method in variant_uris(tags):
         drop = tags.get(f"quantize.{method}.rouge-l_drop")
         if drop is not None:
             out[method] = float(drop)
@@ -235,10 +212,8 @@ def variant_drops(tags: dict[str, str]) -> dict[str, float | None]:
     return out
 
 
-def compare(params: Params, name: str, candidate: Any, champion: Any) -> dict[str, Any]:
+def compare(params: StageParams, name: str, candidate: Any, champion: Any) -> dict[str, Any]:
     """The gate's figures and decision for a candidate against the champion (nothing is moved here)."""
-    from tasks.scoring import paired_bootstrap
-
     cfg = params.promote
     test_sha, test_path = _current_test(params, candidate.tags.get("split.test_sha256", ""))
     cand_scores, cand_rescored = row_scores(params, name, candidate, test_sha, test_path)
@@ -277,7 +252,8 @@ def compare(params: Params, name: str, candidate: Any, champion: Any) -> dict[st
     return figures
 
 
-def gate(params: Params, candidate: int | str) -> dict[str, Any]:
+@stage_entry("promote")
+def gate(params: StageParams, candidate: int | str) -> dict[str, Any]:
     """Make `candidate` the challenger and promote it to champion if it passes the gate.
 
     Args:
@@ -291,14 +267,12 @@ def gate(params: Params, candidate: int | str) -> dict[str, Any]:
     Raises:
         StageError: the version does not exist, or scores cannot be had.
     """
-    from tasks.register import resolve_version
-
     client = _client(params)
     name = params.register.model_name
     with promotion_lock():
         cand = resolve_version(client, name, candidate)
         client.set_registered_model_alias(name, CHALLENGER, cand.version)
-        champ_version = _alias_version(client, name, CHAMPION)
+        champ_version = alias_version(client, name, CHAMPION)
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if champ_version == str(cand.version):
             return {"version": int(cand.version), "decision": "already champion", "champion": int(cand.version),
@@ -336,7 +310,8 @@ def gate(params: Params, candidate: int | str) -> dict[str, Any]:
     return result
 
 
-def run(params: Params, version: int | None = None) -> dict[str, Any]:
+@stage_entry("promote")
+def run(params: StageParams, version: int | None = None) -> dict[str, Any]:
     """The stage: gate the newest version, or force `version` to champion.
 
     Args:
@@ -352,15 +327,14 @@ def run(params: Params, version: int | None = None) -> dict[str, Any]:
     return gate(params, newest_version(client, params.register.model_name).version)
 
 
-def force(params: Params, version: int | str) -> dict[str, Any]:
+@stage_entry("promote")
+def force(params: StageParams, version: int | str) -> dict[str, Any]:
     """Make `version` the champion without the gate; tagged manual, recorded in the history."""
-    from tasks.register import resolve_version
-
     client = _client(params)
     name = params.register.model_name
     with promotion_lock():
         mv = resolve_version(client, name, version)
-        previous = _alias_version(client, name, CHAMPION)
+        previous = alias_version(client, name, CHAMPION)
         if previous != str(mv.version):
             _set_champion(client, name, mv.version, previous)
         _set_tags(client, name, mv.version, {
@@ -376,7 +350,8 @@ def force(params: Params, version: int | str) -> dict[str, Any]:
     return result
 
 
-def rollback(params: Params) -> dict[str, Any]:
+@stage_entry("promote")
+def rollback(params: StageParams) -> dict[str, Any]:
     """Move `champion` back to the previous champion in `promote.history`.
 
     Returns:
@@ -388,7 +363,7 @@ def rollback(params: Params) -> dict[str, Any]:
     client = _client(params)
     name = params.register.model_name
     with promotion_lock():
-        current = _alias_version(client, name, CHAMPION)
+        current = alias_version(client, name, CHAMPION)
         if current is None:
             raise StageError(f"{name} has no champion to roll back")
         history = _history(client, name)

@@ -31,33 +31,35 @@ from typing import Any
 
 import yaml
 
-from tasks.config import Params
-from tasks.errors import StageError
-from tasks.io import dir_sha256, file_sha256, read_json, read_jsonl, write_json
+from tasks.core.errors import StageError
+from tasks.core.generation import GenerationSettings
+from tasks.core.io import dir_sha256, file_sha256, read_json, read_jsonl, write_json
+from tasks.core.layout import SPLITS
+from tasks.core.registry import (
+    CONTENT_TAG,
+    ROW_METRIC,
+    VARIANT_OF_TAG,
+    VARIANT_TAG,
+    client,
+    find_version_with_content,
+    load_row_scores,
+    model_name_of,
+    resolve_version,
+    save_row_scores,
+    variant_uri_tag,
+    variant_uris,
+)
+from tasks.core.stage_params import StageParams, stage_entry
+from tasks.core.tracking import flatten_metrics, setup_mlflow
+from tasks.core.variants import MARKER_FILE, read_marker
 
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_NAME = "model"
 REQUIRED_METRICS = ("rouge-1", "rouge-2", "rouge-l")
-ROW_METRIC = "rouge-l"
-ROW_SCORES_DIR = "row_scores"
-VARIANT_TAG = "sftflow.variant."
-CONTENT_TAG = "sftflow.content_sha256"
 # Tags that say when and by whom a version was made, not what it holds: a retry differs only in these.
 _CIRCUMSTANCE_TAGS = frozenset({"code.commit", "code.dirty", "prefect.flow_run_id", CONTENT_TAG})
-SPLITS = ("train", "val", "test")
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "jieba", "rouge-chinese")
-
-
-def model_name_of(params: Params, quantization: str | None = None) -> str:
-    """Registered model name of the full model, or of its quantized variant `<name>-<method>`."""
-    base = params.register.model_name
-    return f"{base}-{quantization}" if quantization else base
-
-
-def variant_uri_tag(method: str) -> str:
-    """Tag on a main version whose value is the `models:/` URI of its `method` variant."""
-    return f"{VARIANT_TAG}{method}"
 
 
 # ----------------------------------------------------------------------------- inputs and lineage
@@ -68,13 +70,13 @@ def _check_model_dir(path: Path, what: str) -> None:
         raise StageError(f"{what} {path} has no config.json: run the stage that writes it first")
 
 
-def evaluate_metrics(params: Params) -> dict[str, float]:
+def evaluate_metrics(params: StageParams) -> dict[str, float]:
     """The evaluate stage's aggregate metrics (top-level numbers of metrics/evaluate.json).
 
     Raises:
         StageError: the file is missing or lacks rouge-1/rouge-2/rouge-l (evaluate did not finish).
     """
-    path = params.paths.metrics_file("evaluate")
+    path = params.layout.metrics_file("evaluate")
     if not path.exists():
         raise StageError(f"{path} does not exist: run `sftflow evaluate` before registering")
     raw = read_json(path)
@@ -84,13 +86,13 @@ def evaluate_metrics(params: Params) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def row_scores_from_predictions(params: Params) -> dict[str, float]:
+def row_scores_from_predictions(params: StageParams) -> dict[str, float]:
     """Per-row ROUGE-L by row id, from artifacts/evaluate/predictions.jsonl.
 
     Raises:
         StageError: the file is missing, empty, or a row lacks `id` / `rouge-l`.
     """
-    path = params.paths.stage_dir("evaluate") / "predictions.jsonl"
+    path = params.layout.stage_dir("evaluate") / "predictions.jsonl"
     if not path.exists():
         raise StageError(f"{path} does not exist: run `sftflow evaluate` before registering")
     try:
@@ -107,17 +109,17 @@ def row_scores_from_predictions(params: Params) -> dict[str, float]:
     return scores
 
 
-def split_hashes(params: Params) -> dict[str, str]:
+def split_hashes(params: StageParams) -> dict[str, str]:
     """sha256 of each split file that exists (`split.test_sha256` is what promotion compares on)."""
     out = {}
     for name in SPLITS:
-        path = params.paths.stage_dir("split") / f"{name}.jsonl"
+        path = params.layout.split(name)
         if path.exists():
             out[f"split.{name}_sha256"] = file_sha256(path)
     return out
 
 
-def _dvc_data_md5(params: Params, lock_file: Path) -> str | None:
+def _dvc_data_md5(params: StageParams, lock_file: Path) -> str | None:
     """DVC's md5 of the raw data, from the validate stage's deps in dvc.lock."""
     if not lock_file.exists():
         return None
@@ -148,7 +150,7 @@ def code_version() -> dict[str, str]:
     return {"code.commit": commit, "code.dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
-def lineage_tags(params: Params, flow_run_id: str | None = None, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+def lineage_tags(params: StageParams, flow_run_id: str | None = None, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
     """The tags that trace a model version to its data, validation, splits, params and code.
 
     Raises:
@@ -167,7 +169,7 @@ def lineage_tags(params: Params, flow_run_id: str | None = None, lock_file: Path
             f"no content hash for the data: {data_path} does not exist and dvc.lock has no validate dep for it; "
             "run `dvc repro` (or `dvc pull`) so the data is there"
         )
-    validate_file = params.paths.metrics_file("validate")
+    validate_file = params.layout.metrics_file("validate")
     if validate_file.exists():
         success = read_json(validate_file).get("success")
         tags["validate.success"] = "unknown" if success is None else str(bool(success)).lower()
@@ -177,7 +179,7 @@ def lineage_tags(params: Params, flow_run_id: str | None = None, lock_file: Path
     splits = split_hashes(params)
     if "split.test_sha256" not in splits:
         raise StageError(
-            f"{params.paths.stage_dir('split') / 'test.jsonl'} does not exist: run `sftflow split` "
+            f"{params.layout.split('test')} does not exist: run `sftflow split` "
             "(promotion compares versions on the test split it names)"
         )
     tags.update(splits)
@@ -188,11 +190,9 @@ def lineage_tags(params: Params, flow_run_id: str | None = None, lock_file: Path
     return tags
 
 
-def quantize_metrics(params: Params) -> dict[str, float]:
+def quantize_metrics(params: StageParams) -> dict[str, float]:
     """Numeric leaves of metrics/quantize.json as `quantize.<key>` (empty when there is none)."""
-    from tasks.tracking import flatten_metrics
-
-    path = params.paths.metrics_file("quantize")
+    path = params.layout.metrics_file("quantize")
     return flatten_metrics(read_json(path), "quantize") if path.exists() else {}
 
 
@@ -210,26 +210,23 @@ def _requirements() -> list[str]:
     return reqs
 
 
-def generation_settings(params: Params, quantization: str | None = None) -> dict[str, Any]:
+def generation_settings(params: StageParams, quantization: str | None = None) -> dict[str, Any]:
     """The `sftflow.json` of a logged model: how `predict` generates (exactly as evaluate does)."""
-    from tasks.evaluate import generation_settings as evaluate_generation_settings
-
     return {
-        **evaluate_generation_settings(params),
-        "batch_size": params.evaluate.batch_size,
+        **GenerationSettings.of(params).to_dict(),
         "language": params.data.language,
         "quantization": quantization,
     }
 
 
-def content_sha256(model_dir: Path, params: Params, tags: dict[str, Any], quantization: str | None = None) -> str:
+def content_sha256(model_dir: Path, params: StageParams, tags: dict[str, Any], quantization: str | None = None) -> str:
     """Hash of what a version registered from `model_dir` with `tags` would hold.
 
     Covers the folder's files, the generation settings, the pyfunc code and pinned requirements that
     are logged with it, and its tags except those that only record circumstances (code commit, flow
     run id) or point at variants (a main version is relinked to its variants, see `run`).
     """
-    from tasks import pyfunc_model
+    from tasks.core import pyfunc_model  # deferred: importing MLflow's model code registers it (set_model)
 
     described = {
         k: str(v) for k, v in sorted(tags.items()) if k not in _CIRCUMSTANCE_TAGS and not k.startswith(VARIANT_TAG)
@@ -244,21 +241,9 @@ def content_sha256(model_dir: Path, params: Params, tags: dict[str, Any], quanti
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def find_version_with_content(name: str, content: str) -> Any:
-    """The READY version of registered model `name` tagged with this content hash (the oldest), or None."""
-    import mlflow
-
-    matches = [
-        v
-        for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
-        if v.tags.get(CONTENT_TAG) == content and str(v.status).upper().endswith("READY")
-    ]
-    return min(matches, key=lambda v: int(v.version)) if matches else None
-
-
 def log_and_register(
     model_dir: Path,
-    params: Params,
+    params: StageParams,
     *,
     tags: dict[str, Any],
     registered_name: str | None = None,
@@ -266,7 +251,7 @@ def log_and_register(
 ) -> Any:
     """Log a Hugging Face model folder as an MLflow pyfunc model and register it, unless it already is.
 
-    The model is logged "from code" (tasks/pyfunc_model.py): its artifacts are the folder as it is
+    The model is logged "from code" (tasks/core/pyfunc_model.py): its artifacts are the folder as it is
     (safetensors + tokenizer) and `sftflow.json`; nothing is pickled. Logged in the active run if
     there is one, else in a new run of the `register.experiment` experiment. When a READY version of
     the registered model already holds the same content (`content_sha256`), that version is returned
@@ -289,21 +274,20 @@ def log_and_register(
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from tasks import pyfunc_model
-    from tasks.tracking import setup_mlflow
+    from tasks.core import pyfunc_model  # deferred: importing MLflow's model code registers it (set_model)
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir() or not any(model_dir.iterdir()):
         raise StageError(f"model folder {model_dir} does not exist or is empty")
     _check_model_dir(model_dir, "model folder")
     if not list(model_dir.glob("*.safetensors")):
-        raise StageError(f"{model_dir} holds no .safetensors weights: save it with tasks.modeling.save_model")
+        raise StageError(f"{model_dir} holds no .safetensors weights: save it with tasks.core.modeling.save_model")
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")) or list(model_dir.glob("*.pkl")):
         raise StageError(f"{model_dir} holds pickled weights (.bin/.pt/.pkl): only safetensors are registered")
-    name = registered_name or model_name_of(params, quantization)
+    name = registered_name or model_name_of(params.register.model_name, quantization)
     started = mlflow.active_run() is None
     if started:
-        setup_mlflow(params)
+        setup_mlflow(params.register.experiment)
     content = content_sha256(model_dir, params, tags, quantization)
     existing = find_version_with_content(name, content)
     if existing is not None:
@@ -335,7 +319,8 @@ def log_and_register(
 # ----------------------------------------------------------------------------- the stage
 
 
-def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
+@stage_entry("register")
+def run(params: StageParams, *, flow_run_id: str | None = None) -> dict[str, Any]:
     """Register `artifacts/train/model` (and its quantized variants) with lineage tags.
 
     Args:
@@ -352,20 +337,18 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
     """
     import mlflow
 
-    from tasks.tracking import setup_mlflow
-
     # Read and check everything first: a failed upstream run must not leave a version behind.
-    model_dir = params.paths.stage_dir("train") / "model"
+    model_dir = params.layout.final_model
     _check_model_dir(model_dir, "the fine-tuned model")
     metrics = evaluate_metrics(params)
     row_scores = row_scores_from_predictions(params)
     tags = lineage_tags(params, flow_run_id)
     quant = quantize_metrics(params)
     variant_dirs = _variant_dirs(params)
-    evaluated_on = read_json(params.paths.metrics_file("evaluate")).get("test_sha256")
+    evaluated_on = read_json(params.layout.metrics_file("evaluate")).get("test_sha256")
     if evaluated_on and evaluated_on != tags["split.test_sha256"]:
         raise StageError(
-            f"{params.paths.metrics_file('evaluate')} was computed on another test split "
+            f"{params.layout.metrics_file('evaluate')} was computed on another test split "
             f"({evaluated_on[:12]}, now {tags['split.test_sha256'][:12]}): re-run `sftflow evaluate`"
         )
     tags.update({f"evaluate.{k}": f"{v:.4f}" for k, v in metrics.items()})
@@ -375,7 +358,7 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
 
     started = mlflow.active_run() is None
     if started:
-        setup_mlflow(params)
+        setup_mlflow(params.register.experiment)
         mlflow.start_run(run_name="register")
     try:
         run_id = mlflow.active_run().info.run_id
@@ -384,7 +367,7 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
         # Variants first: the main version (what promote looks at) appears only once they exist.
         variants = {}
         for method, folder in variant_dirs.items():
-            v = log_and_register(folder, params, tags=tags | {"sftflow.variant_of": model_name_of(params)},
+            v = log_and_register(folder, params, tags=tags | {VARIANT_OF_TAG: model_name_of(params.register.model_name)},
                                  quantization=method)
             variants[method] = f"models:/{v.name}/{v.version}"
         version = log_and_register(
@@ -409,22 +392,17 @@ def run(params: Params, *, flow_run_id: str | None = None) -> dict[str, Any]:
 
 def _link_variants(version: Any, variants: dict[str, str]) -> None:
     """Point a (possibly reused) main version's `sftflow.variant.<method>` tags at these variants."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
     for method, uri in variants.items():
         if version.tags.get(variant_uri_tag(method)) != uri:
-            client.set_model_version_tag(version.name, version.version, variant_uri_tag(method), uri)
+            client().set_model_version_tag(version.name, version.version, variant_uri_tag(method), uri)
             log.info("%s version %s: %s now points at %s", version.name, version.version, variant_uri_tag(method), uri)
 
 
-def _variant_dirs(params: Params) -> dict[str, Path]:
+def _variant_dirs(params: StageParams) -> dict[str, Path]:
     """The quantized variants of `quantize.methods` the quantize stage wrote (folders with its marker)."""
-    from tasks.quantize import MARKER_FILE, read_marker
-
     found = {}
     for method in params.quantize.methods:
-        folder = params.paths.stage_dir("quantize") / method
+        folder = params.layout.variant_dir(method)
         if not (folder / MARKER_FILE).exists():
             log.info("no quantized variant %s in %s: not registering one", method, folder)
             continue
@@ -433,54 +411,19 @@ def _variant_dirs(params: Params) -> dict[str, Path]:
             raise StageError(f"{folder / MARKER_FILE} says {marker['method']!r}, not {method!r}: re-run `sftflow quantize`")
         _check_model_dir(folder, f"the {method} variant")
         found[method] = folder
-    if found and not params.paths.metrics_file("quantize").exists():
+    if found and not params.layout.metrics_file("quantize").exists():
         raise StageError(
-            f"{params.paths.metrics_file('quantize')} does not exist but variants do: re-run `sftflow quantize` "
+            f"{params.layout.metrics_file('quantize')} does not exist but variants do: re-run `sftflow quantize` "
             "(promotion gates each variant on its measured ROUGE-L drop)"
         )
     return found
 
 
-def save_row_scores(run_id: str, test_sha256: str, scores: dict[str, float]) -> None:
-    """Store per-row ROUGE-L of a run's model on the test split with that hash, as a run artifact."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{test_sha256}.json"
-        write_json(path, {"test_sha256": test_sha256, "metric": ROW_METRIC, "scores": scores})
-        mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path=ROW_SCORES_DIR)
-
-
-def load_row_scores(run_id: str, test_sha256: str) -> dict[str, float] | None:
-    """Per-row ROUGE-L stored in a run for that test split, or None when there are none for it."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    names = {Path(f.path).name for f in client.list_artifacts(run_id, ROW_SCORES_DIR)}
-    if f"{test_sha256}.json" not in names:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, f"{ROW_SCORES_DIR}/{test_sha256}.json", tmp)
-        return {str(k): float(v) for k, v in json.loads(Path(local).read_text(encoding="utf-8"))["scores"].items()}
-
-
 # ----------------------------------------------------------------------------- lineage
 
 
-def resolve_version(client: Any, name: str, version: str | int) -> Any:
-    """A ModelVersion from a number or an alias (`champion`), with a clear error when there is none."""
-    from mlflow.exceptions import MlflowException
-
-    text = str(version).strip()
-    try:
-        if text.isdigit():
-            return client.get_model_version(name, text)
-        return client.get_model_version_by_alias(name, text)
-    except MlflowException as e:
-        raise StageError(f"{name} has no version or alias {text!r}: see `mlflow ui` or `sftflow lineage champion`") from e
-
-
-def lineage(params: Params, version: str | int) -> str:
+@stage_entry("register")
+def lineage(params: StageParams, version: str | int) -> str:
     """The chain of a model version: data → validation → splits → params → code → metrics → aliases.
 
     Args:
@@ -493,16 +436,12 @@ def lineage(params: Params, version: str | int) -> str:
     Raises:
         StageError: the version or alias does not exist.
     """
-    import mlflow
-
-    from tasks.tracking import setup_mlflow
-
-    setup_mlflow(params)
-    client = mlflow.MlflowClient()
+    setup_mlflow(params.register.experiment)
+    registry = client()
     name = params.register.model_name
-    mv = resolve_version(client, name, version)
+    mv = resolve_version(registry, name, version)
     t = mv.tags
-    aliases = client.get_registered_model(name).aliases
+    aliases = registry.get_registered_model(name).aliases
     own_aliases = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
     metrics = {k[len("evaluate."):]: v for k, v in sorted(t.items()) if k.startswith("evaluate.")}
     dirty = {"true": " (tree dirty: uncommitted changes)", "false": ""}.get(t.get("code.dirty", ""), " (dirty: unknown)")
@@ -520,7 +459,7 @@ def lineage(params: Params, version: str | int) -> str:
         + (f": {t['promote.reason']}" if "promote.reason" in t else ""),
         "  ↓ aliases   " + (", ".join(own_aliases) or "(none)"),
     ]
-    variants = {k[len(VARIANT_TAG):]: v for k, v in t.items() if k.startswith(VARIANT_TAG)}
+    variants = variant_uris(t)
     if variants:
         lines.append("    variants  " + "  ".join(f"{m} {uri}" for m, uri in sorted(variants.items())))
     return "\n".join(lines)

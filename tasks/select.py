@@ -2,11 +2,12 @@
 
 For each of `model.candidates` (local folders, hub ids, or `scratch`), on the first `select.rows`
 validation rows: the loss of the reference summaries under the prompt template
-(`tasks.prompt.summary_loss`, the loss training minimises), reported per token and, as `loss`, per
-character, because candidates with different tokenizers cut the same summary into different token counts and zero-shot ROUGE through the evaluate
-stage's own generation and scoring (`tasks.evaluate.evaluate_model`). `scratch` is what pretrain would
-start from: a randomly initialised decoder of the `model:` shape with a tokenizer trained on the train
-split, so its (poor) figures are reported as they are. A candidate that cannot load is reported with
+(`tasks.core.prompt.summary_loss`, the loss training minimises), reported per token and, as `loss`, per
+character, because candidates with different tokenizers cut the same summary into different token
+counts; and zero-shot ROUGE through the same generation and scoring as evaluate
+(`tasks.core.evaluation.Evaluator`). `scratch` is exactly what pretrain starts from
+(`tasks.core.modeling.scratch_base`: a seeded random decoder of the `model:` shape with a tokenizer
+trained on the train split and the prompt template), so its (poor) figures are reported as they are. A candidate that cannot load is reported with
 the reason and skipped; if none loads the stage fails naming each.
 
 With a single candidate (the default: `model.base`) nothing is loaded or scored: the base passes through.
@@ -23,23 +24,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Params
-from tasks.errors import StageError
-from tasks.io import (
-    dir_sha256,
-    file_sha256,
-    read_jsonl,
-    set_seed,
-    sha256_bytes,
-    write_json,
-)
+from tasks.core.data import read_split
+from tasks.core.errors import StageError
+from tasks.core.evaluation import Evaluator
+from tasks.core.io import dir_sha256, file_sha256, sha256_bytes, write_json
+from tasks.core.modeling import count_parameters, load_model_and_tokenizer, place_on_device, scratch_base
+from tasks.core.plots import save_figure
+from tasks.core.prompt import encode_example, summary_loss
+from tasks.core.stage_params import StageParams, stage_entry
 
 log = logging.getLogger(__name__)
 
 SCRATCH = "scratch"
 
 
-def run(params: Params) -> dict[str, Any]:
+@stage_entry("select")
+def run(params: StageParams) -> dict[str, Any]:
     """Choose the base model among `model.candidates` by `select.metric`.
 
     Returns:
@@ -49,17 +49,16 @@ def run(params: Params) -> dict[str, Any]:
         StageError: no candidate loads (each is named with its reason), or the val split is missing.
     """
     candidates = params.model.candidate_list
-    out_dir = params.paths.stage_dir("select")
     if len(candidates) == 1:
         log.info("one candidate base (%s): nothing to compare, passing it through", candidates[0])
-        write_json(out_dir / "choice.json", {"base": candidates[0], "candidates": candidates, "scored": False})
+        write_json(params.layout.select_choice, {"base": candidates[0], "candidates": candidates, "scored": False})
         metrics = {"chosen": candidates[0], "candidates": {}, "skipped": {}}
-        write_json(params.paths.metrics_file("select"), metrics)
+        write_json(params.layout.metrics_file("select"), metrics)
         # dvc.yaml declares plots/select as an output: it must exist even with nothing to plot.
-        params.paths.plots_dir("select").mkdir(parents=True, exist_ok=True)
+        params.layout.plots_dir("select").mkdir(parents=True, exist_ok=True)
         return metrics
 
-    rows = _val_rows(params)
+    rows = read_split(params.layout, "val", limit=params.select.rows)
     table: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for name in candidates:
@@ -83,12 +82,12 @@ def run(params: Params) -> dict[str, Any]:
     else:
         chosen = max(table, key=lambda n: table[n][metric])
     write_json(
-        out_dir / "choice.json",
+        params.layout.select_choice,
         {"base": chosen, "candidates": candidates, "scored": True, "metric": metric, "skipped": sorted(skipped)},
     )
     metrics = {"chosen": chosen, "metric": metric, "rows": len(rows), "candidates": table, "skipped": skipped}
-    write_json(params.paths.metrics_file("select"), metrics)
-    plot_candidates(table, chosen, params.paths.plots_dir("select") / "candidates.png", len(rows))
+    write_json(params.layout.metrics_file("select"), metrics)
+    plot_candidates(table, chosen, params.layout.plots_dir("select") / "candidates.png", len(rows))
     log.info(
         "chose %s by %s among %d scored candidates (%d skipped): %s",
         chosen, metric, len(table), len(skipped),
@@ -97,40 +96,20 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-def _val_rows(params: Params) -> list[dict[str, Any]]:
-    path = params.paths.stage_dir("split") / "val.jsonl"
-    if not path.exists():
-        raise StageError(f"{path} does not exist: run `sftflow split` before `sftflow select`")
-    rows = read_jsonl(path)[: params.select.rows]
-    if not rows:
-        raise StageError(f"{path} is empty: select has no rows to score candidates on")
-    return rows
-
-
-def _load_candidate(name: str, params: Params) -> tuple[Any, Any, str | None]:
+def _load_candidate(name: str, params: StageParams) -> tuple[Any, Any, str | None]:
     """(model, tokenizer, content hash or None) of a candidate; StageError when it cannot load."""
-    from tasks.evaluate import place_on_device
-    from tasks.modeling import (
-        build_scratch_model,
-        load_model_and_tokenizer,
-        train_tokenizer,
-    )
-
     if name == SCRATCH:
-        train_path = params.paths.stage_dir("split") / "train.jsonl"
-        if not train_path.exists():
-            raise StageError(f"{train_path} does not exist: the scratch tokenizer is trained on it; run `sftflow split`")
-        train = read_jsonl(train_path)
-        set_seed(params.pretrain.seed)
-        tokenizer = train_tokenizer(
-            [r["text"] for r in train] + [r["summary"] for r in train],
-            kind=params.model.tokenizer,
-            vocab_size=params.model.vocab_size,
-        )
-        model = build_scratch_model(params.model, tokenizer)
-        # Seeded init from the train split and the shape: the same inputs build the same model.
+        train_path = params.layout.split("train")
+        train = read_split(params.layout, "train")
+        model, tokenizer = scratch_base(params.model, train, params.data.prompt_template, params.pretrain.seed)
+        # Seeded init from the train split, the template and the shape: the same inputs build the same model.
         key = json.dumps(
-            {"train": file_sha256(train_path), "model": params.model.model_dump(mode="json"), "seed": params.pretrain.seed},
+            {
+                "train": file_sha256(train_path),
+                "template": params.data.prompt_template,
+                "model": params.model.model_dump(mode="json"),
+                "seed": params.pretrain.seed,
+            },
             sort_keys=True,
         )
         return place_on_device(model), tokenizer, "scratch:" + sha256_bytes(key.encode())
@@ -140,13 +119,9 @@ def _load_candidate(name: str, params: Params) -> tuple[Any, Any, str | None]:
 
 
 def _score_candidate(
-    name: str, model: Any, tokenizer: Any, sha: str | None, rows: list[dict[str, Any]], params: Params
+    name: str, model: Any, tokenizer: Any, sha: str | None, rows: list[dict[str, Any]], params: StageParams
 ) -> dict[str, Any]:
     """Summary loss and zero-shot ROUGE of one loaded candidate on the rows."""
-    from tasks.evaluate import evaluate_model
-    from tasks.modeling import count_parameters
-    from tasks.prompt import summary_loss
-
     loss = summary_loss(
         model,
         tokenizer,
@@ -158,7 +133,7 @@ def _score_candidate(
         batch_size=params.evaluate.batch_size,
     )
     tokens, chars = _target_size(tokenizer, rows, params)
-    _, scores = evaluate_model(model, rows, params, tokenizer=tokenizer, model_sha256=sha)
+    _, scores = Evaluator.of(params).evaluate(model, rows, tokenizer=tokenizer, model_sha256=sha)
     _, total = count_parameters(model)
     entry = {
         "loss": loss * tokens / chars,
@@ -170,14 +145,12 @@ def _score_candidate(
     return entry
 
 
-def _target_size(tokenizer: Any, rows: list[dict[str, Any]], params: Params) -> tuple[int, int]:
+def _target_size(tokenizer: Any, rows: list[dict[str, Any]], params: StageParams) -> tuple[int, int]:
     """(summary tokens, summary characters) that `summary_loss` averages over; eos counts as one of each.
 
     Candidates with different tokenizers split the same summary into different numbers of tokens, so
     a loss per token favours the finer tokenizer; per character it compares like with like.
     """
-    from tasks.prompt import encode_example
-
     tokens = chars = 0
     for r in rows:
         f = encode_example(
@@ -200,8 +173,6 @@ def plot_candidates(table: dict[str, dict[str, Any]], chosen: str, path: Path, r
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from tasks.io import save_figure
 
     names = list(table)
     labels = [Path(n).name or n for n in names]

@@ -16,13 +16,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.config import Params, env_flag
-from tasks.errors import StageError
-from tasks.generation import encode_prompts, greedy_config
+from tasks.core.errors import StageError
+from tasks.core.generation import GenerationSettings, encode_prompts, greedy_config
+from tasks.core.io import iter_jsonl
+from tasks.core.registry import CHAMPION, variant_uri_tag
+from tasks.core.config import Params, env_flag
+from tasks.core.stage_params import StageParams, stage_entry, stage_params
+from tasks.core.tracking import setup_mlflow
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
 AUTH_ENV = "SFTFLOW_APP_AUTH"
 SHARE_ENV = "SFTFLOW_SHARE"
 EXAMPLE_ROWS = 5
@@ -65,7 +68,7 @@ def current_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_variant(params: Params, model_version: Any, device: str) -> tuple[str, str, str | None]:
+def resolve_variant(params: StageParams, model_version: Any, device: str) -> tuple[str, str, str | None]:
     """Which variant of a version to serve on `device`, its model URI, and a note when it is missing.
 
     A quantized variant lives in its own registered model; the full-precision version points at it
@@ -75,8 +78,6 @@ def resolve_variant(params: Params, model_version: Any, device: str) -> tuple[st
     Returns:
         (variant served, `models:/` URI to load, note or None).
     """
-    from tasks.register import variant_uri_tag
-
     version = str(model_version.version)
     wanted = params.serve.variant_gpu if device == "cuda" else params.serve.variant_cpu
     own_uri = f"models:/{params.register.model_name}/{version}"
@@ -93,7 +94,7 @@ def resolve_variant(params: Params, model_version: Any, device: str) -> tuple[st
     return "full", own_uri, note
 
 
-def load_version(params: Params, client: Any, model_version: Any, device: str | None = None) -> ServedVersion:
+def load_version(params: StageParams, client: Any, model_version: Any, device: str | None = None) -> ServedVersion:
     """Load a registered version in the variant `serve:` asks for on this device.
 
     When the variant is not registered, full precision is served and the returned `note` (shown in
@@ -171,16 +172,15 @@ class ChampionServer:
 
     Args:
         params: the resolved params.
-        client: an `MlflowClient`; default: one on the URI `tasks.tracking.setup_mlflow` sets.
+        client: an `MlflowClient`; default: one on the URI `tasks.core.tracking.setup_mlflow` sets.
     """
 
-    def __init__(self, params: Params, client: Any = None) -> None:
+    def __init__(self, params: Params | StageParams, client: Any = None) -> None:
+        params = stage_params(params, "serve")
         if client is None:
             from mlflow import MlflowClient
 
-            from tasks.tracking import setup_mlflow
-
-            setup_mlflow(params)
+            setup_mlflow(params.register.experiment)
             client = MlflowClient()
         self.params = params
         self.client = client
@@ -273,19 +273,12 @@ def summarize(served: ServedVersion, text: str) -> str:
 
 
 def prompt_ids(tokenizer: Any, text: str, settings: dict[str, Any]) -> list[int]:
-    """The prompt tokens `tasks.generation.generate` feeds the model for this text and these settings."""
-    max_source_length = settings.get("max_source_length")
-    return encode_prompts(
-        tokenizer,
-        [text],
-        settings["prompt_template"],
-        bool(settings["use_chat_template"]),
-        int(max_source_length) if max_source_length else None,
-    )[0]
+    """The prompt tokens `tasks.core.generation.generate` feeds the model for this text and these settings."""
+    return encode_prompts(tokenizer, [text], GenerationSettings.from_dict(settings))[0]
 
 
 def stream_summary(served: ServedVersion, text: str, max_new_tokens: int) -> Iterator[str]:
-    """Yield the summary as it grows (greedy, the same tokens `tasks.generation.generate` picks)."""
+    """Yield the summary as it grows (greedy, the same tokens `tasks.core.generation.generate` picks)."""
     import torch
     from transformers import TextIteratorStreamer
 
@@ -334,11 +327,9 @@ def info_markdown(served: ServedVersion, model_name: str) -> str:
     return "\n".join(lines)
 
 
-def example_texts(params: Params, n: int = EXAMPLE_ROWS) -> list[str]:
+def example_texts(params: StageParams, n: int = EXAMPLE_ROWS) -> list[str]:
     """The first `n` texts of the test split, when the split stage has run ([] otherwise)."""
-    from tasks.io import iter_jsonl
-
-    path = params.paths.stage_dir("split") / "test.jsonl"
+    path = params.layout.split("test")
     if not path.exists():
         return []
     texts = []
@@ -349,7 +340,8 @@ def example_texts(params: Params, n: int = EXAMPLE_ROWS) -> list[str]:
     return texts
 
 
-def build_app(params: Params, server: ChampionServer | None = None) -> Any:
+@stage_entry("serve")
+def build_app(params: StageParams, server: ChampionServer | None = None) -> Any:
     """Build the Gradio Blocks app (not launched).
 
     Args:
@@ -427,7 +419,8 @@ def auth_from_env() -> tuple[str, str] | None:
     return user, password
 
 
-def run(params: Params, host: str | None = None, port: int | None = None) -> None:
+@stage_entry("serve")
+def run(params: StageParams, host: str | None = None, port: int | None = None) -> None:
     """Serve the champion until interrupted.
 
     Args:

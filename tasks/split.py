@@ -23,14 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import Params, SplitConfig
-from tasks.errors import DataError, StageError
-from tasks.io import file_sha256, iter_jsonl, write_json, write_jsonl
+from tasks.core.config import SplitConfig
+from tasks.core.errors import DataError, StageError
+from tasks.core.io import file_sha256, iter_jsonl, write_json, write_jsonl
+from tasks.core.layout import SPLITS
+from tasks.core.stage_params import StageParams, stage_entry
 
 logger = logging.getLogger(__name__)
 
 STAGE = "split"
-SPLITS = ("train", "val", "test")
 NGRAM = 5
 NUM_PERMUTATIONS = 64
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -215,11 +216,12 @@ def find_leaks(splits: dict[str, list[dict[str, str]]], threshold: float) -> lis
     return leaks
 
 
-def run(params: Params) -> dict[str, Any]:
+@stage_entry("split")
+def run(params: StageParams) -> dict[str, Any]:
     """Split `artifacts/validate/clean.jsonl` into train/val/test.
 
     Args:
-        params: the whole params; uses `split`, reads and writes under `paths`.
+        params: the stage's slice: `split`.
 
     Returns:
         The metrics written to `metrics/split.json`.
@@ -228,12 +230,11 @@ def run(params: Params) -> dict[str, Any]:
         StageError: there is no clean data (validate has not run or failed) or a leak is found.
         DataError: ids repeat, or a split would be empty.
     """
-    cfg, paths = params.split, params.paths
-    out_dir = paths.stage_dir(STAGE)
+    cfg, layout = params.split, params.layout
     # Old splits must not outlive a failed run and pass for this data's splits.
     for name in SPLITS:
-        (out_dir / f"{name}.jsonl").unlink(missing_ok=True)
-    source = paths.stage_dir("validate") / "clean.jsonl"
+        layout.split(name).unlink(missing_ok=True)
+    source = layout.stage_dir("validate") / "clean.jsonl"
     if not source.exists():
         raise StageError(f"{source} does not exist: run `sftflow validate` first (it writes it only when the data passes)")
     rows = list(iter_jsonl(source))
@@ -259,8 +260,7 @@ def run(params: Params) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"rows": len(rows)}
     for name in SPLITS:
-        path = out_dir / f"{name}.jsonl"
-        write_jsonl(path, result.splits[name])
+        write_jsonl(layout.split(name), result.splits[name])
         metrics[f"{name}_rows"] = len(result.splits[name])
     for name in SPLITS:
         metrics[f"{name}_share"] = round(len(result.splits[name]) / len(rows), 4)
@@ -268,9 +268,9 @@ def run(params: Params) -> dict[str, Any]:
         near_duplicate_groups=result.groups,
         near_duplicate_rows=result.grouped_rows,
         rows_moved_to_group_split=result.moved,
-        sha256={name: file_sha256(out_dir / f"{name}.jsonl") for name in SPLITS},
+        sha256={name: file_sha256(layout.split(name)) for name in SPLITS},
     )
-    write_json(paths.metrics_file(STAGE), metrics)
+    write_json(layout.metrics_file(STAGE), metrics)
     logger.info(
         "split: %d rows -> train %d, val %d, test %d (%d near-duplicate groups, %d rows moved with their group)",
         len(rows),

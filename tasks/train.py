@@ -8,8 +8,8 @@ Reads `artifacts/pretrain/model/` and the train/val splits; writes
   params resumes from the newest complete one (a SIGKILLed run loses at most `save_steps` steps);
 - `metrics/train.json`, `plots/train/loss.csv` (step,train_loss,val_loss) and `plots/train/loss.png`.
 
-Only summary tokens (and eos) carry loss (`tasks.prompt.encode_example`). `train.num_processes > 1`
-relaunches the stage as torchrun ranks (`tasks.launch`).
+Only summary tokens (and eos) carry loss (`tasks.core.prompt.encode_example`). `train.num_processes > 1`
+relaunches the stage as torchrun ranks (`tasks.core.launch`).
 """
 
 from __future__ import annotations
@@ -22,34 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Params, ParamsError
-from tasks.errors import StageError
-from tasks.io import (
-    configure_threads,
-    dir_sha256,
-    file_sha256,
-    read_json,
-    read_jsonl,
-    set_seed,
-    write_json,
-)
-from tasks.launch import (
-    LAUNCHED_ENV,
-    ensure_distributed_env,
-    is_rank_zero,
-    relaunch,
-    threads_per_rank,
-)
-from tasks.modeling import (
-    count_parameters,
-    linear_module_names,
-    load_model_and_tokenizer,
-    loss_rows,
-    peak_rss_mb,
-    save_model,
-    write_loss_curve,
-)
-from tasks.prompt import collate_features, encode_example, summary_loss
+from tasks.core.config import ParamsError
+from tasks.core.data import read_split
+from tasks.core.errors import StageError
+from tasks.core.io import configure_threads, dir_sha256, file_sha256, read_json, set_seed, write_json
+from tasks.core.launch import LAUNCHED_ENV, ensure_distributed_env, is_rank_zero, relaunch, threads_per_rank
+from tasks.core.modeling import count_parameters, linear_module_names, load_model_and_tokenizer, save_model
+from tasks.core.plots import write_loss_curve
+from tasks.core.prompt import collate_features, encode_example, summary_loss
+from tasks.core.stage_params import StageParams, stage_entry
+from tasks.core.training import loss_rows, peak_rss_mb, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +41,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 ALL_LINEAR = "all-linear"
 
 
-def check_params(params: Params) -> None:
+def check_params(params: StageParams) -> None:
     """Fail before any model loads on params this machine cannot run; every problem named at once.
 
     Raises:
@@ -114,7 +96,7 @@ def check_lora_targets(model: Any, targets: list[str]) -> None:
         )
 
 
-def encode_rows(params: Params, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+def encode_rows(params: StageParams, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
     """Encode rows as training features; returns them and the truncation counts."""
     cfg, data = params.train, params.data
     features, counts = [], {"truncated_source": 0, "truncated_target": 0}
@@ -129,7 +111,7 @@ def encode_rows(params: Params, tokenizer: Any, rows: list[dict[str, Any]]) -> t
     return features, counts
 
 
-def _fingerprint(params: Params, base_dir: Path, split_dir: Path) -> dict[str, Any]:
+def _fingerprint(params: StageParams, base_dir: Path) -> dict[str, Any]:
     """What a checkpoint depends on: the train params, the prompt, the data and the base weights."""
     train = params.train.model_dump(mode="json")
     # How many ranks share the work does not change the maths of a resume (same global batch aside).
@@ -139,8 +121,8 @@ def _fingerprint(params: Params, base_dir: Path, split_dir: Path) -> dict[str, A
         "train": train,
         "prompt_template": params.data.prompt_template,
         "use_chat_template": params.data.use_chat_template,
-        "train_data": file_sha256(split_dir / "train.jsonl"),
-        "val_data": file_sha256(split_dir / "val.jsonl"),
+        "train_data": file_sha256(params.layout.split("train")),
+        "val_data": file_sha256(params.layout.split("val")),
         "base": dir_sha256(base_dir),
     }
 
@@ -188,12 +170,13 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any]) -> None:
     write_json(fp_file, fingerprint)
 
 
-def run(params: Params) -> dict[str, Any]:
+@stage_entry("train")
+def run(params: StageParams) -> dict[str, Any]:
     """Fine-tune the pretrained base on the training split; write the merged model and metrics.
 
     Args:
-        params: all params; reads `train`, `data.prompt_template`, `data.use_chat_template`,
-            `model.trust_remote_code` and `paths`.
+        params: the stage's slice: `train`, `data.prompt_template`, `data.use_chat_template`,
+            `model.trust_remote_code`.
 
     Returns:
         The metrics written to `metrics/train.json` (rank 0; other ranks return {}).
@@ -202,46 +185,39 @@ def run(params: Params) -> dict[str, Any]:
         ParamsError: bad train params (named), checked before training.
         StageError: the pretrained base or the splits are missing, or a rank failed.
     """
-    cfg = params.train
+    cfg, layout = params.train, params.layout
     check_params(params)
-    base_dir = params.paths.stage_dir("pretrain") / "model"
-    split_dir = params.paths.stage_dir("split")
+    base_dir = layout.base_model
     if not (base_dir / "config.json").exists():
         raise StageError(f"{base_dir} holds no model; run `sftflow pretrain` first")
     for name in ("train", "val"):
-        if not (split_dir / f"{name}.jsonl").exists():
-            raise StageError(f"{split_dir / name}.jsonl does not exist; run `sftflow validate && sftflow split` first")
+        if not layout.split(name).exists():
+            raise StageError(f"{layout.split(name)} does not exist; run `sftflow validate && sftflow split` first")
 
-    ckpt_dir = params.paths.stage_dir(STAGE) / "checkpoints"
+    ckpt_dir = layout.stage_dir(STAGE) / "checkpoints"
     launched_child = os.environ.get(LAUNCHED_ENV) == "1"
     if not launched_child and is_rank_zero():
-        prepare_checkpoints(ckpt_dir, _fingerprint(params, base_dir, split_dir))
+        prepare_checkpoints(ckpt_dir, _fingerprint(params, base_dir))
 
     threads = threads_per_rank(cfg.torch_threads, cfg.num_processes)
     if cfg.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         relaunch(STAGE, params, cfg.num_processes, threads)
-        return read_json(params.paths.metrics_file(STAGE))
+        return read_json(layout.metrics_file(STAGE))
     configure_threads(threads)
-    return _train(params, base_dir, split_dir, ckpt_dir, threads)
+    return _train(params, base_dir, ckpt_dir, threads)
 
 
-def _train(params: Params, base_dir: Path, split_dir: Path, ckpt_dir: Path, threads: int) -> dict[str, Any]:
-    """The training proper, in every rank."""
-    import torch
-    from transformers import TrainingArguments
-
+def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) -> dict[str, Any]:
+    """The training proper, in every rank: fit (or resume), save the final model, measure it."""
     cfg = params.train
-    on_gpu = torch.cuda.is_available()
     if cfg.deepspeed_config is not None:
         ensure_distributed_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-
     model, tokenizer = load_model_and_tokenizer(base_dir, trust_remote_code=params.model.trust_remote_code)
     if cfg.method == "lora":
         check_lora_targets(model, cfg.lora.target_modules)
-    train_rows = read_jsonl(split_dir / "train.jsonl")
-    val_rows = read_jsonl(split_dir / "val.jsonl")
-    train_features, train_cuts = encode_rows(params, tokenizer, train_rows)
+    val_rows = read_split(params.layout, "val", allow_empty=True)
+    train_features, train_cuts = encode_rows(params, tokenizer, read_split(params.layout, "train", allow_empty=True))
     val_features, val_cuts = encode_rows(params, tokenizer, val_rows)
     for split, cuts in (("train", train_cuts), ("val", val_cuts)):
         if cuts["truncated_source"] or cuts["truncated_target"]:
@@ -249,102 +225,141 @@ def _train(params: Params, base_dir: Path, split_dir: Path, ckpt_dir: Path, thre
                 "%s: %d texts cut to train.max_source_length=%d tokens, %d summaries cut to train.max_target_length=%d",
                 split, cuts["truncated_source"], cfg.max_source_length, cuts["truncated_target"], cfg.max_target_length,
             )
-
     set_seed(cfg.seed)
     if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=ALL_LINEAR if cfg.lora.target_modules == [ALL_LINEAR] else list(cfg.lora.target_modules),
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = _with_lora(model, cfg.lora)
     trainable, total = count_parameters(model)
     log.info(
         "train: %d rows (%d val), method %s, %s trainable of %s parameters, %d rank(s) x %d thread(s), deepspeed %s",
         len(train_features), len(val_features), cfg.method, f"{trainable:,}", f"{total:,}", world_size, threads,
         cfg.deepspeed_config,
     )
+    args, bf16 = _arguments(cfg, ckpt_dir, world_size)
+    run = _fit(params, model, tokenizer, train_features, val_features, args, ckpt_dir)
+    if not is_rank_zero():
+        return {}
+    out_dir = _save_final(params, run["weights"], tokenizer, base_dir)
+    metrics = {
+        "method": cfg.method,
+        **_measure(params, out_dir, tokenizer, base_dir, val_rows, run),
+        "steps_run": run["steps_run"],
+        "seconds": round(run["seconds"], 1),
+        "tokens_per_second": round(run["tokens"] / run["seconds"], 1) if run["seconds"] else None,
+        "samples_per_second": round(run["steps_run"] * cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+                                    / run["seconds"], 2) if run["seconds"] else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_rss_mb": peak_rss_mb(),
+        "gpu_peak_memory_mb": _gpu_peak_mb(),
+        **{f"{split}_{k}": v for split, cuts in (("train", train_cuts), ("val", val_cuts)) for k, v in cuts.items()},
+        "deepspeed_config": str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
+        "num_processes": world_size,
+        "threads_per_process": threads,
+        "bf16": bf16,
+    }
+    write_json(params.layout.metrics_file(STAGE), metrics)
+    log.info("train: val loss %.4f (base %.4f) after %d steps; wrote %s",
+             metrics["val_loss"], metrics["base_val_loss"], metrics["steps"], out_dir)
+    return metrics
 
+
+def _with_lora(model: Any, lora: Any) -> Any:
+    """The model wrapped with a PEFT LoRA adapter of params `train.lora`."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else list(lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _arguments(cfg: Any, ckpt_dir: Path, world_size: int) -> tuple[Any, bool]:
+    """The Trainer's arguments for params `train` (evaluated and checkpointed every few steps), and bf16."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+    args = training_arguments(
+        ckpt_dir,
+        cfg,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=0.01,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
         eval_strategy="steps",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.keep_checkpoints,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
         deepspeed=str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
         bf16=bf16,
-        use_cpu=not on_gpu,
         ddp_backend="gloo" if world_size > 1 and not on_gpu else None,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        report_to=[],
     )
+    return args, bf16
 
-    stage_dir = params.paths.stage_dir(STAGE)
-    out_dir, tmp_dir, adapter_dir = stage_dir / "model", stage_dir / ".model.tmp", stage_dir / "adapter"
+
+def _fit(
+    params: StageParams,
+    model: Any,
+    tokenizer: Any,
+    train_features: list[dict[str, list[int]]],
+    val_features: list[dict[str, list[int]]],
+    args: Any,
+    ckpt_dir: Path,
+) -> dict[str, Any]:
+    """Train from scratch or the newest complete checkpoint; save the trained weights (adapter or full).
+
+    Returns:
+        `history` (the Trainer's log), `seconds`, `steps_run`, `tokens` (this session's), `start_step`
+        and `weights` (the folder holding the trained weights).
+    """
+    stage_dir = params.layout.stage_dir(STAGE)
     resume = last_complete_checkpoint(ckpt_dir)
     finished = _finished_state(resume)
     if finished is not None:
         # The Trainer would run one extra step when resumed at its last step; rebuild from the checkpoint.
         log.info("%s already holds the last step (%d): rebuilding the model from it", resume, finished["global_step"])
-        history, seconds, steps_run, tokens = finished["log_history"], 0.0, 0, 0
-        session = {"start_step": finished["global_step"]}
-        weights = resume
-    else:
-        trainer, session = _make_trainer(model, tokenizer, train_features, val_features, args)
-        if resume is not None:
-            log.info("resuming from %s", resume)
-        start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-        seconds = time.perf_counter() - start
-        if not any("eval_loss" in e and e.get("step") == trainer.state.global_step for e in trainer.state.log_history):
-            trainer.evaluate()  # the curve ends on a validation point
-        history, steps_run = trainer.state.log_history, len(session["steps"])
-        tokens = trainer.state.num_input_tokens_seen - session["start_tokens"]
-        weights = adapter_dir if cfg.method == "lora" else tmp_dir
-        if is_rank_zero():
-            shutil.rmtree(weights, ignore_errors=True)
-        # save_model gathers ZeRO-3 shards, so every rank calls it; only rank 0 writes.
-        trainer.save_model(str(weights))
-    if not is_rank_zero():
-        return {}
+        return {"history": finished["log_history"], "seconds": 0.0, "steps_run": 0, "tokens": 0,
+                "start_step": finished["global_step"], "weights": resume}
+    trainer, session = _make_trainer(model, tokenizer, train_features, val_features, args)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    seconds = time.perf_counter() - start
+    if not any("eval_loss" in e and e.get("step") == trainer.state.global_step for e in trainer.state.log_history):
+        trainer.evaluate()  # the curve ends on a validation point
+    weights = stage_dir / ("adapter" if params.train.method == "lora" else ".model.tmp")
+    if is_rank_zero():
+        shutil.rmtree(weights, ignore_errors=True)
+    # save_model gathers ZeRO-3 shards, so every rank calls it; only rank 0 writes.
+    trainer.save_model(str(weights))
+    return {"history": trainer.state.log_history, "seconds": seconds, "steps_run": len(session["steps"]),
+            "tokens": trainer.state.num_input_tokens_seen - session["start_tokens"],
+            "start_step": session["start_step"], "weights": weights}
 
-    if cfg.method == "lora":
+
+def _save_final(params: StageParams, weights: Path, tokenizer: Any, base_dir: Path) -> Path:
+    """Write the final model folder (LoRA merged into the base) and swap it in atomically; returns it."""
+    trust = params.model.trust_remote_code
+    out_dir = params.layout.model_dir(STAGE)
+    tmp_dir = out_dir.with_name(".model.tmp")
+    if params.train.method == "lora":
         from peft import PeftModel
 
-        base, _ = load_model_and_tokenizer(base_dir, trust_remote_code=params.model.trust_remote_code)
-        merged = PeftModel.from_pretrained(base, str(weights)).merge_and_unload()
-        save_model(merged, tokenizer, tmp_dir)
+        base, _ = load_model_and_tokenizer(base_dir, trust_remote_code=trust)
+        save_model(PeftModel.from_pretrained(base, str(weights)).merge_and_unload(), tokenizer, tmp_dir)
     elif weights != tmp_dir:
-        full, _ = load_model_and_tokenizer(weights, trust_remote_code=params.model.trust_remote_code)
+        full, _ = load_model_and_tokenizer(weights, trust_remote_code=trust)
         save_model(full, tokenizer, tmp_dir)
     (tmp_dir / "training_args.bin").unlink(missing_ok=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)  # readers never see half a model
+    return out_dir
 
+
+def _measure(
+    params: StageParams, out_dir: Path, tokenizer: Any, base_dir: Path, val_rows: list[dict[str, Any]], run: dict[str, Any]
+) -> dict[str, Any]:
+    """Validation summary loss of the final model and of the base; the loss curve (CSV + PNG)."""
+    cfg, trust = params.train, params.model.trust_remote_code
     loss_kwargs = {
         "template": params.data.prompt_template,
         "use_chat_template": params.data.use_chat_template,
@@ -352,49 +367,30 @@ def _train(params: Params, base_dir: Path, split_dir: Path, ckpt_dir: Path, thre
         "max_target_length": cfg.max_target_length,
         "batch_size": cfg.batch_size,
     }
-    tuned, _ = load_model_and_tokenizer(out_dir, trust_remote_code=params.model.trust_remote_code)
-    base, base_tokenizer = load_model_and_tokenizer(base_dir, trust_remote_code=params.model.trust_remote_code)
+    tuned, _ = load_model_and_tokenizer(out_dir, trust_remote_code=trust)
+    base, base_tokenizer = load_model_and_tokenizer(base_dir, trust_remote_code=trust)
     val_loss = summary_loss(tuned, tokenizer, val_rows, **loss_kwargs)
     base_val_loss = summary_loss(base, base_tokenizer, val_rows, **loss_kwargs)
-
-    rows = loss_rows(history)
-    plots = params.paths.plots_dir(STAGE)
+    rows = loss_rows(run["history"])
+    plots = params.layout.plots_dir(STAGE)
     write_loss_curve(rows, plots / "loss.csv", plots / "loss.png", f"train ({cfg.method}): summary-token loss")
-    logged = [r["train_loss"] for r in rows if r["train_loss"] is not None]
-    last = logged[-10:]
-    samples = steps_run * cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    metrics = {
-        "method": cfg.method,
-        # Mean of the last (up to) ten logged losses: one step's loss is too noisy to compare runs.
+    # Mean of the last (up to) ten logged losses: one step's loss is too noisy to compare runs.
+    last = [r["train_loss"] for r in rows if r["train_loss"] is not None][-10:]
+    return {
         "train_loss": round(sum(last) / len(last), 4) if last else None,
         "val_loss": round(val_loss, 4),
         "base_val_loss": round(base_val_loss, 4),
         "val_loss_gain": round(base_val_loss - val_loss, 4),
         "val_rows": len(val_rows),
-        "steps": rows[-1]["step"] if rows else session["start_step"],
-        "resumed_from_step": session["start_step"],
-        "steps_run": steps_run,
-        "seconds": round(seconds, 1),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-        "samples_per_second": round(samples / seconds, 2) if seconds else None,
-        "trainable_params": trainable,
-        "total_params": total,
-        "peak_rss_mb": peak_rss_mb(),
-        "gpu_peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None,
-        "train_truncated_source": train_cuts["truncated_source"],
-        "train_truncated_target": train_cuts["truncated_target"],
-        "val_truncated_source": val_cuts["truncated_source"],
-        "val_truncated_target": val_cuts["truncated_target"],
-        "deepspeed_config": str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
-        "num_processes": world_size,
-        "threads_per_process": threads,
-        "bf16": bf16,
+        "steps": rows[-1]["step"] if rows else run["start_step"],
+        "resumed_from_step": run["start_step"],
     }
-    write_json(params.paths.metrics_file(STAGE), metrics)
-    log.info(
-        "train: val loss %.4f (base %.4f) after %d steps; wrote %s", val_loss, base_val_loss, metrics["steps"], out_dir
-    )
-    return metrics
+
+
+def _gpu_peak_mb() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
 
 
 def _finished_state(checkpoint: Path | None) -> dict[str, Any] | None:

@@ -27,9 +27,10 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.config import DataConfig, Params, ValidateConfig
-from tasks.errors import DataError
-from tasks.io import atomic_write_text, write_json, write_jsonl
+from tasks.core.config import DataConfig, ValidateConfig
+from tasks.core.errors import DataError
+from tasks.core.io import atomic_write_text, write_json, write_jsonl
+from tasks.core.stage_params import StageParams, stage_entry
 
 logger = logging.getLogger(__name__)
 # GE logs its own import and set-up (decorated closures, data sources) at INFO; the stage logs what matters.
@@ -532,11 +533,13 @@ def _write_outputs(
         write_jsonl(clean, rows)
 
 
-def run(params: Params) -> dict[str, Any]:
+@stage_entry("validate")
+def run(params: StageParams) -> dict[str, Any]:
     """Validate the raw data set and write the clean rows.
 
     Args:
-        params: the whole params; uses `data` and `validate`, writes under `paths`.
+        params: the stage's slice: `validate` and the `data` keys that say where the data is and
+            what it holds.
 
     Returns:
         The metrics written to `metrics/validate.json`.
@@ -545,9 +548,8 @@ def run(params: Params) -> dict[str, Any]:
         DataError: the file cannot be read, a table-level expectation fails or too many rows are
             dropped. The report, data docs and metrics are written first; clean.jsonl is not.
     """
-    data, cfg, paths = params.data, params.validate, params.paths
-    out_dir = paths.stage_dir(STAGE)
-    metrics_file = paths.metrics_file(STAGE)
+    data, cfg = params.data, params.validate
+    out_dir, metrics_file = params.layout.stage_dir(STAGE), params.layout.metrics_file(STAGE)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "success": False,
@@ -569,29 +571,56 @@ def run(params: Params) -> dict[str, Any]:
     report["format"] = raw.format
     mode, missing = resolve_columns(raw.frame.columns, data)
     if mode == "missing":
-        # Run the column checks on the raw frame, so the report says which expectation failed.
-        import great_expectations.expectations as gxe
-
-        result = run_suite(
-            raw.frame,
-            [gxe.ExpectColumnToExist(column=c, description="required column present") for c in (data.text_column, data.summary_column)],
-            [],
-        )
-        found = ", ".join(map(str, raw.frame.columns))
-        failures = [_describe(r, None) for r in result.results if not r.success]
-        failures.append(
-            f"{data.path} has columns [{found}] but not {missing}: set data.text_column / data.summary_column"
-            f" (e.g. -S data.text_column=content), or give alpaca columns instruction/input/output"
-        )
-        report.update(failures=failures, great_expectations=_json_safe(result.to_json_dict()))
-        _write_outputs(out_dir, metrics_file, report, render_data_docs(result), None)
-        raise DataError("expectation suite failed:\n  - " + "\n  - ".join(failures))
+        _fail_on_missing_columns(raw, data, missing, report, out_dir, metrics_file)
     if mode == "alpaca":
         logger.info("no %r/%r columns: reading alpaca instruction+input -> text, output -> summary", data.text_column, data.summary_column)
 
     frame = canonical_frame(raw, data, cfg, mode)
     result = run_suite(frame, _expectations(cfg, data), ["row", "id"])
+    dropped_rows, outcome = _row_outcome(result, frame, cfg, n)
+    kept = frame[~frame["row"].isin(dropped_rows)]
+    success = not outcome["failures"]
+    report.update(success=success, rows_out=len(kept) if success else 0, **outcome)
+    _trim(result)
+    report["great_expectations"] = _json_safe(result.to_json_dict())
+    docs = render_data_docs(result)
+    if not success:
+        _write_outputs(out_dir, metrics_file, report, docs, None)
+        raise DataError(f"{data.path}: expectation suite failed:\n  - " + "\n  - ".join(outcome["failures"]))
 
+    rows = [{"id": r.id, "text": r.text, "summary": r.summary} for r in kept.itertuples(index=False)]
+    _write_outputs(out_dir, metrics_file, report, docs, rows)
+    logger.info(
+        "validate: %d rows in, %d out, dropped %s -> %s", n, len(rows), outcome["dropped"] or "none", out_dir / "clean.jsonl"
+    )
+    return json.loads(metrics_file.read_text(encoding="utf-8"))
+
+
+def _fail_on_missing_columns(
+    raw: RawTable, data: Any, missing: list[str], report: dict[str, Any], out_dir: Path, metrics_file: Path
+) -> None:
+    """Run the column checks on the raw frame (so the report says which expectation failed), write the
+    report and raise."""
+    import great_expectations.expectations as gxe
+
+    result = run_suite(
+        raw.frame,
+        [gxe.ExpectColumnToExist(column=c, description="required column present") for c in (data.text_column, data.summary_column)],
+        [],
+    )
+    found = ", ".join(map(str, raw.frame.columns))
+    failures = [_describe(r, None) for r in result.results if not r.success]
+    failures.append(
+        f"{data.path} has columns [{found}] but not {missing}: set data.text_column / data.summary_column"
+        f" (e.g. -S data.text_column=content), or give alpaca columns instruction/input/output"
+    )
+    report.update(failures=failures, great_expectations=_json_safe(result.to_json_dict()))
+    _write_outputs(out_dir, metrics_file, report, render_data_docs(result), None)
+    raise DataError("expectation suite failed:\n  - " + "\n  - ".join(failures))
+
+
+def _row_outcome(result: Any, frame: pd.DataFrame, cfg: ValidateConfig, n: int) -> tuple[set[int], dict[str, Any]]:
+    """The rows a row-level expectation drops, and the report's figures: drops per reason, the failures."""
     dropped_rows: set[int] = set()
     dropped: dict[str, int] = dict.fromkeys(REASON_BY_COLUMN.values(), 0)
     failures: list[str] = []
@@ -609,31 +638,14 @@ def run(params: Params) -> dict[str, Any]:
             f"{len(dropped_rows)} of {n} rows ({share:.1%}) fail a row-level expectation, more than"
             f" validate.max_dropped_share={cfg.max_dropped_share:g}: fix the data or the bounds in validate:"
         )
-    kept = frame[~frame["row"].isin(dropped_rows)]
-    success = not failures
-    report.update(
-        success=success,
-        rows_out=len(kept) if success else 0,
-        dropped_share=round(share, 6),
-        dropped=dropped,
-        dropped_rows=len(dropped_rows),
-        failures=failures,
-        dropped_examples={
+    return dropped_rows, {
+        "dropped_share": round(share, 6),
+        "dropped": dropped,
+        "dropped_rows": len(dropped_rows),
+        "failures": failures,
+        "dropped_examples": {
             reason: _examples(_unexpected_rows(res), frame)
             for res in result.results
             if (reason := _reason(res)) is not None and res.result.get("unexpected_count")
         },
-    )
-    _trim(result)
-    report["great_expectations"] = _json_safe(result.to_json_dict())
-    docs = render_data_docs(result)
-    if not success:
-        _write_outputs(out_dir, metrics_file, report, docs, None)
-        raise DataError(f"{data.path}: expectation suite failed:\n  - " + "\n  - ".join(failures))
-
-    rows = [{"id": r.id, "text": r.text, "summary": r.summary} for r in kept.itertuples(index=False)]
-    _write_outputs(out_dir, metrics_file, report, docs, rows)
-    logger.info(
-        "validate: %d rows in, %d out, dropped %s -> %s", n, len(rows), dropped or "none", out_dir / "clean.jsonl"
-    )
-    return json.loads(metrics_file.read_text(encoding="utf-8"))
+    }

@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
 
 def write_tiny_splits(artifacts: Path, n: int = 120) -> None:
     """Train/val/test splits (80/10/10) of the first n demo rows, as the split stage writes them."""
-    from tasks.io import write_jsonl
+    from tasks.core.io import write_jsonl
 
     rows = [{"id": r["id"], "text": r["text"], "summary": r["summary"]} for r in sample_rows(n)]
     a, b = int(n * 0.8), int(n * 0.9)
@@ -110,7 +110,7 @@ def tiny_overrides(tmp_path, tiny_data) -> list[str]:
 @pytest.fixture
 def tiny_params(tmp_path, tiny_overrides):
     """Params loaded from the shipped params.yaml with tiny_overrides applied."""
-    from tasks.config import load_params
+    from tasks.core.config import load_params
 
     return load_params(ROOT / "params.yaml", tiny_overrides)
 
@@ -118,9 +118,9 @@ def tiny_params(tmp_path, tiny_overrides):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 decoder with a character tokenizer, trained on nothing, saved as a HF folder."""
-    from tasks.config import ModelConfig
-    from tasks.io import set_seed
-    from tasks.modeling import build_scratch_model, save_model, train_tokenizer
+    from tasks.core.config import ModelConfig
+    from tasks.core.io import set_seed
+    from tasks.core.modeling import build_scratch_model, save_model, train_tokenizer
 
     set_seed(0)
     rows = sample_rows(200)

@@ -36,7 +36,7 @@ def make_tiny_project(dest: Path, rows: int = 120) -> Path:
     Returns:
         `dest`, now a project root (dvc.yaml, params.yaml with the tiny overrides written in).
     """
-    from flows.retrain import write_overrides
+    from flows.dvc_stage import write_overrides
 
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],

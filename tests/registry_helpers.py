@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.io import file_sha256, write_json, write_jsonl
+from tasks.core.io import file_sha256, write_json, write_jsonl
 
 _STORE_ROOT: list[Path] = []  # one sqlite store per test session: creating its tables takes seconds
 
@@ -32,7 +32,7 @@ def sqlite_store(tmp_path_factory):
 
 def write_test_split(params, rows: list[dict]) -> Path:
     """artifacts/split/test.jsonl with canonical rows."""
-    path = params.paths.stage_dir("split") / "test.jsonl"
+    path = params.layout.stage_dir("split") / "test.jsonl"
     write_jsonl(path, [{"id": r["id"], "text": r["text"], "summary": r["summary"]} for r in rows])
     return path
 
@@ -43,18 +43,18 @@ def build_upstream(params, model_dir: Path, rows: list[dict], rouge_l: list[floa
     The per-row scores are given, so a test decides exactly how good each "model" looks.
     """
     assert len(rows) == len(rouge_l)
-    target = params.paths.stage_dir("train") / "model"
+    target = params.layout.stage_dir("train") / "model"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(model_dir, target)
     test_path = write_test_split(params, rows)
     write_jsonl(
-        params.paths.stage_dir("evaluate") / "predictions.jsonl",
+        params.layout.stage_dir("evaluate") / "predictions.jsonl",
         [{"id": r["id"], "prediction": "x", "reference": r["summary"], "rouge-l": s} for r, s in zip(rows, rouge_l)],
     )
     mean = sum(rouge_l) / len(rouge_l)
     write_json(
-        params.paths.metrics_file("evaluate"),
+        params.layout.metrics_file("evaluate"),
         {"rouge-1": mean + 5, "rouge-2": mean / 2, "rouge-l": mean, "bleu-4": 1.0, "test_rows": len(rows),
          "test_sha256": file_sha256(test_path), "base": {"rouge-l": 0.5}},
     )
-    write_json(params.paths.metrics_file("validate"), {"success": True, "rows": 120})
+    write_json(params.layout.metrics_file("validate"), {"success": True, "rows": 120})

@@ -11,9 +11,11 @@ import pytest
 from conftest import ROOT
 
 from tasks.cli import main
-from tasks.config import STAGES
+from tasks.core.config import Params
+from tasks.core.params_doc import markdown, stage_keys
+from tasks.core.stages import STAGE_NAMES, STAGES
 
-COMMANDS = sorted(set(STAGES) | {"run", "deploy", "rollback", "lineage"})
+COMMANDS = sorted(set(STAGE_NAMES) | {"run", "deploy", "rollback", "lineage"})
 SFTFLOW = Path(sys.executable).parent / "sftflow"
 
 
@@ -25,6 +27,43 @@ def test_help_works_for_every_command(command, capsys):
     out = capsys.readouterr().out
     assert f"usage: sftflow {command}" in out
     assert "SECTION.KEY=VALUE" in out  # every command takes -S overrides
+
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # the epilog wraps descriptions: compare words
+
+
+def test_evaluate_help_lists_max_new_tokens_with_its_description(capsys):
+    out = _help("evaluate", capsys)
+    description = Params.model_fields["evaluate"].annotation.model_fields["max_new_tokens"].description
+    assert "evaluate.max_new_tokens" in out
+    assert " ".join(description.split()) in out
+
+
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
+def test_stage_help_lists_every_key_the_stage_reads(spec, capsys):
+    out = _help(spec.name, capsys)
+    keys = stage_keys(spec)
+    assert keys, f"{spec.name} reads no params?"
+    for doc in keys:
+        assert f"{doc.key} (" in out and doc.description in out, doc.key
+
+
+def test_params_command_prints_every_key_and_the_markdown(capsys):
+    assert main(["params"]) == 0
+    table = capsys.readouterr().out
+    lines = table.splitlines()
+    assert lines[0].split() == ["KEY", "TYPE", "DEFAULT", "DESCRIPTION"]
+    keys = [line.split()[0] for line in lines[1:]]
+    assert keys == list(Params().flat())  # one line per key when not on a terminal
+    row = next(line for line in lines if line.startswith("evaluate.max_new_tokens "))
+    assert row.split()[1:4] == ["int", ">", "0"] and " 48 " in row and "new tokens" in row
+    assert main(["params", "--markdown"]) == 0
+    assert capsys.readouterr().out == markdown()
 
 
 def test_console_script_rejects_an_unknown_key_by_name(tmp_path):

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 from conftest import ROOT
 
-from tasks.config import Params, ParamsError, load_params, params_from_dict
+from tasks.core.config import Params, ParamsError, load_params, params_from_dict
+from tasks.core.params_doc import DOC_FILE, REGENERATE, key_docs, markdown
 
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").rglob("*") if p.is_file())
 
@@ -20,10 +22,39 @@ def test_shipped_params_yaml_loads_and_lists_every_section_and_key():
     assert set(raw) == set(Params.model_fields), "params.yaml must have one section per Params field"
     for section, model in Params.model_fields.items():
         fields = set(model.annotation.model_fields)
-        assert set(raw[section]) == fields, f"params.yaml `{section}:` keys differ from tasks/config.py: {set(raw[section]) ^ fields}"
+        assert set(raw[section]) == fields, f"params.yaml `{section}:` keys differ from tasks/core/config.py: {set(raw[section]) ^ fields}"
     # Paths that point at shipped files exist.
     assert (ROOT / params.data.path).is_file()
     assert params.train.deepspeed_config is None or (ROOT / params.train.deepspeed_config).is_file()
+
+
+
+def _fields(model, prefix=""):
+    """(`section.key`, FieldInfo) of every field under `model`, nested sections (train.lora) walked."""
+    for name, field in model.model_fields.items():
+        yield prefix + name, field
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _fields(field.annotation, f"{prefix}{name}.")
+
+
+def test_every_params_field_has_a_description():
+    fields = dict(_fields(Params))
+    assert "train.lora.target_modules" in fields and "train.lora" in fields and "data" in fields
+    missing = sorted(key for key, field in fields.items() if not (field.description or "").strip())
+    assert not missing, f"give these fields a Field(description=...) in tasks/core/config.py: {missing}"
+
+
+def test_params_doc_lists_every_key_of_params_yaml():
+    raw = load_params(ROOT / "params.yaml").flat()
+    assert [d.key for d in key_docs()] == list(raw)
+
+
+def test_docs_params_md_is_current():
+    path = ROOT / DOC_FILE
+    assert path.is_file(), f"{DOC_FILE} is missing: generate it with `{REGENERATE}`"
+    assert path.read_text(encoding="utf-8") == markdown(), (
+        f"{DOC_FILE} is not current with tasks/core/config.py and tasks/core/stages.py: regenerate it with `{REGENERATE}`"
+    )
 
 
 def test_config_files_are_found():

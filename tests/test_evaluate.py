@@ -7,9 +7,9 @@ import shutil
 import pytest
 from conftest import ROOT, sample_rows
 
-from tasks.config import load_params
-from tasks.errors import StageError
-from tasks.io import file_sha256, read_json, read_jsonl, write_jsonl
+from tasks.core.config import load_params
+from tasks.core.errors import StageError
+from tasks.core.io import file_sha256, read_json, read_jsonl, write_jsonl
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def stage_params(tmp_path, tiny_overrides, tiny_model_dir):
     """Upstream artifacts built by hand: split files from demo rows, the tiny model as base and fine-tuned."""
     import torch
 
-    from tasks.modeling import load_model_and_tokenizer, save_model
+    from tasks.core.modeling import load_model_and_tokenizer, save_model
 
     rows = sample_rows(40)
     split = tmp_path / "artifacts" / "split"
@@ -39,20 +39,21 @@ def stage_params(tmp_path, tiny_overrides, tiny_model_dir):
 
 def test_evaluate_stage_end_to_end(stage_params, monkeypatch):
     from tasks import evaluate
+    from tasks.core import evaluation
 
     calls = []
-    real_generate = evaluate.generate
-    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    real_generate = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
 
     metrics = evaluate.run(stage_params)
     assert len(calls) == 2  # fine-tuned and base
 
-    out = stage_params.paths.stage_dir("evaluate")
-    test_file = stage_params.paths.stage_dir("split") / "test.jsonl"
+    out = stage_params.layout.stage_dir("evaluate")
+    test_file = stage_params.layout.stage_dir("split") / "test.jsonl"
     predictions = read_jsonl(out / "predictions.jsonl")
     assert [p["id"] for p in predictions] == [r["id"] for r in read_jsonl(test_file)]
     assert set(predictions[0]) >= {"id", "text", "reference", "prediction", "rouge-1", "rouge-2", "rouge-l", "bleu-4"}
-    assert metrics == read_json(stage_params.paths.metrics_file("evaluate"))
+    assert metrics == read_json(stage_params.layout.metrics_file("evaluate"))
     for m in ("rouge-1", "rouge-2", "rouge-l", "bleu-4"):
         assert metrics[m] == pytest.approx(sum(p[m] for p in predictions) / len(predictions))
         assert metrics[f"{m}_low"] <= metrics[m] <= metrics[f"{m}_high"]
@@ -66,7 +67,7 @@ def test_evaluate_stage_end_to_end(stage_params, monkeypatch):
     assert len(read_jsonl(out / "base_predictions.jsonl")) == 10
     assert metrics["base"]["model_sha256"] != metrics["model_sha256"]
     assert {"rouge-l_delta", "rouge-l_low", "rouge-l_high"} <= set(metrics["gain_over_base"])
-    png = stage_params.paths.plots_dir("evaluate") / "metrics.png"
+    png = stage_params.layout.plots_dir("evaluate") / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Unchanged models, rows and generation params: served from the cache, not generated again.
@@ -80,18 +81,19 @@ def test_evaluate_stage_end_to_end(stage_params, monkeypatch):
 
 
 def test_evaluate_model_accepts_a_loaded_model(stage_params):
-    from tasks.evaluate import evaluate_model
-    from tasks.modeling import load_model_and_tokenizer
+    from tasks.core.evaluation import Evaluator
+    from tasks.core.modeling import load_model_and_tokenizer
 
-    model_dir = stage_params.paths.stage_dir("train") / "model"
-    rows = read_jsonl(stage_params.paths.stage_dir("split") / "test.jsonl")[:4]
-    from_dir, scores_dir = evaluate_model(model_dir, rows, stage_params, progress=False)
+    model_dir = stage_params.layout.stage_dir("train") / "model"
+    rows = read_jsonl(stage_params.layout.stage_dir("split") / "test.jsonl")[:4]
+    evaluator = Evaluator.of(stage_params)
+    from_dir, scores_dir = evaluator.evaluate(model_dir, rows, progress=False)
     model, tokenizer = load_model_and_tokenizer(model_dir)
-    loaded, scores_loaded = evaluate_model(model, rows, stage_params, tokenizer=tokenizer, progress=False)
+    loaded, scores_loaded = evaluator.evaluate(model, rows, tokenizer=tokenizer, progress=False)
     assert loaded == from_dir
     assert scores_loaded["rouge-l"] == scores_dir["rouge-l"]
     with pytest.raises(StageError, match="tokenizer"):
-        evaluate_model(model, rows, stage_params, progress=False)
+        evaluator.evaluate(model, rows, progress=False)
 
 
 def test_lead_k_is_chosen_on_val_rows():
@@ -113,6 +115,6 @@ def test_lead_k_is_chosen_on_val_rows():
 def test_missing_model_names_the_fix(stage_params):
     from tasks.evaluate import run
 
-    shutil.rmtree(stage_params.paths.stage_dir("pretrain") / "model")
+    shutil.rmtree(stage_params.layout.stage_dir("pretrain") / "model")
     with pytest.raises(StageError, match="score_base=false"):
         run(stage_params)

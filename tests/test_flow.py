@@ -3,27 +3,30 @@ on a copy of the project (tiny data, tiny model, its own DVC cache/remote and sq
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tasks.config import load_params
-from tasks.errors import StageError
+from tasks.core import stages
+from tasks.core.config import load_params
+from tasks.core.errors import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC_STAGES = ["validate", "split", "select", "pretrain", "train", "evaluate", "quantize"]
+DVC_STAGES = list(stages.DVC_STAGES)  # dvc.yaml order; the flow runs them in it
 
 
 # ------------------------------------------------------------------------------- units (.fn())
 
 
 def test_stream_command_passes_lines_and_throttles_progress(tmp_path):
-    from flows.retrain import stream_command
+    from flows.dvc_stage import stream_command
 
     script = (
         "import sys\n"
@@ -46,8 +49,8 @@ def test_stream_command_passes_lines_and_throttles_progress(tmp_path):
 
 
 def test_write_overrides_keeps_comments_and_rejects_unknown_keys(tmp_path):
-    from flows.retrain import write_overrides
-    from tasks.config import ParamsError
+    from flows.dvc_stage import write_overrides
+    from tasks.core.config import ParamsError
 
     params_file = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params_file)
@@ -60,11 +63,13 @@ def test_write_overrides_keeps_comments_and_rejects_unknown_keys(tmp_path):
     text = params_file.read_text(encoding="utf-8")
     assert params.evaluate.rows == 7 and params.train.lora.r == 4
     assert load_params(params_file).evaluate.rows == 7  # what the DVC stages will read
-    assert "# 0 = every test row" in text  # comments survive, as with `dvc exp run -S`
+    # Comments survive, as with `dvc exp run -S`: every one of them, in order.
+    comments = [line.split("#", 1)[1] for line in before.splitlines() if "#" in line]
+    assert comments and [line.split("#", 1)[1] for line in text.splitlines() if "#" in line] == comments
 
 
 def test_metrics_table_reads_the_stage_files(tmp_path):
-    from flows.retrain import metrics_table
+    from flows.report import metrics_table
 
     params = load_params(ROOT / "params.yaml", [f"paths.metrics={tmp_path}"])
     # evaluate nests base/baseline figures; flat `section.key` names are read too.
@@ -82,14 +87,58 @@ def test_metrics_table_reads_the_stage_files(tmp_path):
 
 
 def test_retries_only_on_io_tasks():
-    from flows import retrain
+    from flows import io_tasks
+    from flows.dvc_stage import STAGE_TASKS
 
-    for name in retrain.DVC_STAGES:
-        assert retrain.STAGE_TASKS[name].retries == 0, name  # training is never retried
-        assert retrain.STAGE_TASKS[name].name == name  # the Prefect task carries the stage's name
-    for io_task in (retrain.register, retrain.promote, retrain.push, retrain.log_to_mlflow, retrain.check_trigger):
-        assert io_task.retries == retrain.IO_RETRIES > 0
+    assert list(STAGE_TASKS) == DVC_STAGES  # one task per DVC stage, in order
+    for name in DVC_STAGES:
+        assert STAGE_TASKS[name].retries == 0, name  # training is never retried
+        assert STAGE_TASKS[name].name == name  # the Prefect task carries the stage's name
+    for io_task in (io_tasks.register, io_tasks.promote, io_tasks.push, io_tasks.log_to_mlflow, io_tasks.check_trigger):
+        assert io_task.retries == io_tasks.IO_RETRIES > 0
         assert io_task.retry_delay_seconds == [2, 4, 8]  # exponential backoff
+
+
+def _env_without_prefect(home: Path, **extra: str) -> dict[str, str]:
+    """This process's env minus every PREFECT_* setting (so no PREFECT_API_URL), with its own PREFECT_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {**env, "PREFECT_HOME": str(home), **extra}
+
+
+def test_run_waits_longer_for_the_temporary_server_unless_told(tmp_path):
+    # In a fresh interpreter: main re-reads Prefect's process-wide settings, which a harness here may hold.
+    code = (
+        "from flows.retrain import _wait_longer_for_the_temporary_server as wait\n"
+        "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout\n"
+        "wait()\n"
+        "print(timeout.value())\n"
+    )
+
+    def timeout_seen(**extra: str) -> str:
+        out = subprocess.run([sys.executable, "-c", code], env=_env_without_prefect(tmp_path, **extra), capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().splitlines()[-1]
+
+    assert timeout_seen() == "120"  # Prefect's default, 20 s, is too short for a first start on a busy machine
+    assert timeout_seen(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="45") == "45"  # the user's setting wins
+
+
+def test_run_explains_a_temporary_server_that_does_not_start(tmp_path):
+    # A timeout of 0 s: the temporary server can never answer in time, and no stage may run.
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n", encoding="utf-8")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    env = _env_without_prefect(
+        tmp_path / "prefect-home",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    sftflow = Path(sys.executable).parent / "sftflow"
+    out = subprocess.run([str(sftflow), "run", "-p", str(tmp_path / "params.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "sftflow run: the temporary Prefect server (started because PREFECT_API_URL is not set) did not answer" in out.stderr
+    assert "prefect server start" in out.stderr and "export PREFECT_API_URL=" in out.stderr
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 # ------------------------------------------------------------------------ the flow, end to end
@@ -194,6 +243,46 @@ def test_flow_evaluate_change_reruns_evaluate_onwards(project, harness):
     assert result["promotion"]["version"] == 2
     states = _task_states(result["flow_run_id"])
     assert states["register"] == states["promote"] == "COMPLETED"
+
+
+@contextlib.contextmanager
+def _busy_cores(per_core: int) -> Iterator[int]:
+    """`per_core` spinning Python processes for each core this process may use; always killed on the way out."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(per_core * len(os.sched_getaffinity(0))):
+            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        yield len(procs)
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_run_starts_its_temporary_prefect_server_on_a_busy_machine(project, tmp_path):
+    """`sftflow run` with no PREFECT_API_URL on a fresh PREFECT_HOME while every core is busy.
+
+    The temporary server's first start migrates a new database; with two spinning processes per core
+    that took over 40 s here, past Prefect's default 20 s. After the runs above only evaluate and what
+    follows re-run (alone, this test trains the tiny project from scratch, and still registers).
+    """
+    from flow_helpers import start_group, stop_group
+
+    env = _env_without_prefect(tmp_path / "prefect-home")
+    log_file = tmp_path / "run.log"
+    cmd = [str(Path(sys.executable).parent / "sftflow"), "run", "-p", str(project / "params.yaml"), "-S", "evaluate.baseline_max_k=25"]
+    with _busy_cores(per_core=2):
+        proc = start_group(cmd, log_file, env=env, cwd=project)
+        try:
+            rc = proc.wait(timeout=900)
+        finally:
+            stop_group(proc)  # the run and its temporary server, also when the wait timed out
+    output = log_file.read_text(encoding="utf-8", errors="replace")
+    assert rc == 0, output[-4000:]
+    assert "Starting temporary server" in output  # it did use a temporary server
+    assert "retrain registered" in output, output[-4000:]
 
 
 @pytest.mark.slow

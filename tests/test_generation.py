@@ -1,11 +1,11 @@
-"""tasks/generation.py: batched generation equals one-by-one, keeps input order, cuts like training."""
+"""tasks/core/generation.py: batched generation equals one-by-one, keeps input order, cuts like training."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import sample_rows
 
-from tasks.generation import _decode_until_eos, generate
+from tasks.core.generation import GenerationSettings, _decode_until_eos, generate
 
 TEMPLATE = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："
 
@@ -16,7 +16,7 @@ def sharp_model(tiny_model_dir):
     character for every input, which would make an equality test pass vacuously."""
     import torch
 
-    from tasks.modeling import load_model_and_tokenizer
+    from tasks.core.modeling import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     g = torch.Generator().manual_seed(0)
@@ -28,10 +28,8 @@ def sharp_model(tiny_model_dir):
 
 
 def _generate(model, tokenizer, texts, batch_size, **kw):
-    return generate(
-        model, tokenizer, texts, prompt_template=TEMPLATE, use_chat_template=True, max_new_tokens=8,
-        batch_size=batch_size, **kw,
-    )
+    settings = GenerationSettings(prompt_template=TEMPLATE, use_chat_template=True, max_new_tokens=8, batch_size=batch_size, **kw)
+    return generate(model, tokenizer, texts, settings)
 
 
 def test_batched_equals_one_by_one(sharp_model):
@@ -64,7 +62,7 @@ def test_max_source_length_cuts_the_text_like_training(sharp_model):
 
 
 def test_decoding_stops_at_the_first_eos(tiny_model_dir):
-    from tasks.modeling import load_model_and_tokenizer
+    from tasks.core.modeling import load_model_and_tokenizer
 
     _, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     ids = tokenizer("标题", add_special_tokens=False)["input_ids"]

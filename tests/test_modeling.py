@@ -1,7 +1,7 @@
 import pytest
 
-from tasks.errors import StageError
-from tasks.modeling import load_model_and_tokenizer
+from tasks.core.errors import StageError
+from tasks.core.modeling import load_model_and_tokenizer
 
 
 def test_char_tokenizer_round_trips_chinese(tiny_model_dir):
@@ -29,7 +29,7 @@ def test_atomic_write_gives_normal_permissions_and_leaves_no_temp(tmp_path):
     import os
     import stat
 
-    from tasks.io import atomic_write_text
+    from tasks.core.io import atomic_write_text
 
     target = tmp_path / "sub" / "x.txt"
     atomic_write_text(target, "数据")
@@ -41,7 +41,7 @@ def test_atomic_write_gives_normal_permissions_and_leaves_no_temp(tmp_path):
 
 
 def test_linear_module_names_are_what_lora_can_target(tiny_model_dir):
-    from tasks.modeling import linear_module_names
+    from tasks.core.modeling import linear_module_names
 
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))
     names = linear_module_names(model)
@@ -50,7 +50,8 @@ def test_linear_module_names_are_what_lora_can_target(tiny_model_dir):
 
 
 def test_loss_curve_rows_merge_train_and_validation_logs(tmp_path):
-    from tasks.modeling import loss_rows, write_loss_curve
+    from tasks.core.plots import write_loss_curve
+    from tasks.core.training import loss_rows
 
     history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.75}, {"step": 2, "train_runtime": 1}]
     rows = loss_rows(history)

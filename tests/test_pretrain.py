@@ -4,10 +4,10 @@ import pytest
 from conftest import ROOT, write_tiny_splits
 from safetensors.torch import load_file
 
-from tasks.config import load_params
-from tasks.errors import StageError
-from tasks.io import read_json, write_json
-from tasks.modeling import load_model_and_tokenizer
+from tasks.core.config import load_params
+from tasks.core.errors import StageError
+from tasks.core.io import read_json, write_json
+from tasks.core.modeling import load_model_and_tokenizer
 from tasks.pretrain import pack_blocks, run
 
 

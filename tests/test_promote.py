@@ -20,7 +20,7 @@ def store(tmp_path_factory):
 
 
 def _params(tiny_overrides, name, *extra):
-    from tasks.config import load_params
+    from tasks.core.config import load_params
 
     return load_params(ROOT / "params.yaml", tiny_overrides + [f"register.model_name={name}", *extra])
 
@@ -93,7 +93,7 @@ def test_forced_promotion_and_rollback(store, tiny_overrides, tiny_model_dir, ca
 
     from tasks import promote
     from tasks.cli import main
-    from tasks.errors import StageError
+    from tasks.core.errors import StageError
 
     params = _params(tiny_overrides, "manual")
     v1 = _register(params, tiny_model_dir, BASE)

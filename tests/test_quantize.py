@@ -13,27 +13,29 @@ from pathlib import Path
 import pytest
 import torch
 
+from tasks.core.generation import GenerationSettings
 from tests.conftest import ROOT, sample_rows
 
 PROMPT = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："
+SETTINGS = GenerationSettings(prompt_template=PROMPT, use_chat_template=True, max_new_tokens=8, batch_size=4)
 TEXTS = [r["text"] for r in sample_rows(6)]
 
 RELOAD_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from tasks.quantize import load_quantized
-from tasks.generation import generate
+from tasks.core.variants import load_quantized
+from tasks.core.generation import GenerationSettings, generate
 model, tok = load_quantized(sys.argv[1])
 texts = json.loads(sys.argv[2])
-print(json.dumps(generate(model, tok, texts, prompt_template=sys.argv[3], use_chat_template=True,
-                          max_new_tokens=8, batch_size=4), ensure_ascii=False))
+settings = GenerationSettings(prompt_template=sys.argv[3], use_chat_template=True, max_new_tokens=8, batch_size=4)
+print(json.dumps(generate(model, tok, texts, settings), ensure_ascii=False))
 """
 
 
 def _trained_tiny(tiny_model_dir: Path, out: Path) -> Path:
     """The tiny model with its weights scaled up, so greedy outputs vary by row (not one repeated token)."""
-    from tasks.io import set_seed
-    from tasks.modeling import load_model_and_tokenizer, save_model
+    from tasks.core.io import set_seed
+    from tasks.core.modeling import load_model_and_tokenizer, save_model
 
     set_seed(1)
     model, tok = load_model_and_tokenizer(tiny_model_dir)
@@ -48,14 +50,15 @@ def _trained_tiny(tiny_model_dir: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def quantized(tiny_model_dir, tmp_path_factory):
     """(full model dir, int8 dir, outputs of the int8 model before saving)."""
-    from tasks.generation import generate
-    from tasks.modeling import load_model_and_tokenizer
-    from tasks.quantize import quantize_int8, save_int8
+    from tasks.core.generation import generate
+    from tasks.core.modeling import load_model_and_tokenizer
+    from tasks.core.variants import save_int8
+    from tasks.quantize import quantize_int8
 
     full_dir = _trained_tiny(tiny_model_dir, tmp_path_factory.mktemp("full"))
     model, tok = load_model_and_tokenizer(full_dir)
     model, tensors, layout = quantize_int8(model)
-    before = generate(model, tok, TEXTS, prompt_template=PROMPT, use_chat_template=True, max_new_tokens=8, batch_size=4)
+    before = generate(model, tok, TEXTS, SETTINGS)
     out = tmp_path_factory.mktemp("int8")
     save_int8(tensors, layout, model, tok, out)
     return full_dir, out, before, model
@@ -77,7 +80,7 @@ def test_fresh_process_reload_gives_the_same_outputs(quantized):
 def test_linear_weights_are_int8_on_disk_and_in_memory(quantized):
     from safetensors import safe_open
 
-    from tasks.quantize import MARKER_FILE, weights_bytes
+    from tasks.core.variants import MARKER_FILE, weights_bytes
 
     full_dir, int8_dir, _, model = quantized
     marker = json.loads((int8_dir / MARKER_FILE).read_text(encoding="utf-8"))
@@ -102,7 +105,7 @@ def test_linear_weights_are_int8_on_disk_and_in_memory(quantized):
 
 
 def test_quantized_model_stays_close_to_full(tiny_model_dir):
-    from tasks.modeling import load_model_and_tokenizer
+    from tasks.core.modeling import load_model_and_tokenizer
     from tasks.quantize import quantize_int8
 
     full, tok = load_model_and_tokenizer(tiny_model_dir)
@@ -130,19 +133,20 @@ def test_gate_fails_beyond_max_drop():
 
 
 def test_stage_writes_gated_metrics_plot_and_variant(quantized, tmp_path, tiny_overrides):
-    from tasks.config import load_params
-    from tasks.io import read_json, read_jsonl, write_jsonl
-    from tasks.quantize import MARKER_FILE, run
+    from tasks.core.config import load_params
+    from tasks.core.io import read_json, read_jsonl, write_jsonl
+    from tasks.core.variants import MARKER_FILE
+    from tasks.quantize import run
 
     full_dir, _, _, _ = quantized
     params = load_params(ROOT / "params.yaml", tiny_overrides + ["quantize.max_drop=0", "evaluate.batch_size=4"])
-    shutil.copytree(full_dir, params.paths.stage_dir("train") / "model")
+    shutil.copytree(full_dir, params.layout.stage_dir("train") / "model")
     rows = [{"id": r["id"], "text": r["text"], "summary": r["summary"]} for r in sample_rows(130)[120:128]]
-    write_jsonl(params.paths.stage_dir("split") / "test.jsonl", rows)
+    write_jsonl(params.layout.stage_dir("split") / "test.jsonl", rows)
 
     metrics = run(params)
 
-    assert read_json(params.paths.metrics_file("quantize")) == json.loads(json.dumps(metrics))
+    assert read_json(params.layout.metrics_file("quantize")) == json.loads(json.dumps(metrics))
     for key in ("size_ratio", "latency_ratio", "rouge-l", "rouge-l_drop", "passed"):
         assert f"int8.{key}" in metrics, key
     assert metrics["rows"] == 8 and "full.rouge-l" in metrics
@@ -150,24 +154,24 @@ def test_stage_writes_gated_metrics_plot_and_variant(quantized, tmp_path, tiny_o
     # max_drop=0: the gate passes only when int8 scores at least as well as full precision.
     assert metrics["int8.passed"] is (metrics["int8.rouge-l_drop"] <= 0)
     assert metrics["int8.size_ratio"] < 0.3
-    assert (params.paths.stage_dir("quantize") / "int8" / MARKER_FILE).exists()
-    preds = read_jsonl(params.paths.stage_dir("quantize") / "predictions.jsonl")
+    assert (params.layout.stage_dir("quantize") / "int8" / MARKER_FILE).exists()
+    preds = read_jsonl(params.layout.stage_dir("quantize") / "predictions.jsonl")
     assert [p["id"] for p in preds] == [r["id"] for r in rows] and {"full", "int8"} <= set(preds[0])
-    png = params.paths.plots_dir("quantize") / "comparison.png"
+    png = params.layout.plots_dir("quantize") / "comparison.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_gpu_method_without_cuda_names_the_key(tmp_path, tiny_overrides, quantized):
-    from tasks.config import load_params
-    from tasks.errors import StageError
-    from tasks.io import write_jsonl
+    from tasks.core.config import load_params
+    from tasks.core.errors import StageError
+    from tasks.core.io import write_jsonl
     from tasks.quantize import run
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     params = load_params(ROOT / "params.yaml", tiny_overrides + ["quantize.methods=[int8, bnb-nf4]"])
-    shutil.copytree(quantized[0], params.paths.stage_dir("train") / "model")
-    write_jsonl(params.paths.stage_dir("split") / "test.jsonl", [{"id": "a", "text": TEXTS[0], "summary": "标题"}])
+    shutil.copytree(quantized[0], params.layout.stage_dir("train") / "model")
+    write_jsonl(params.layout.stage_dir("split") / "test.jsonl", [{"id": "a", "text": TEXTS[0], "summary": "标题"}])
     with pytest.raises(StageError, match="quantize.methods"):
         run(params)
 
@@ -176,12 +180,12 @@ def test_gpu_method_without_cuda_names_the_key(tmp_path, tiny_overrides, quantiz
 @pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
 def test_bnb_variant_saves_and_reloads(quantized, tmp_path, method):
     pytest.importorskip("bitsandbytes")
-    from tasks.generation import generate
-    from tasks.quantize import load_quantized, quantize_bnb
+    from tasks.core.generation import generate
+    from tasks.core.variants import load_quantized
+    from tasks.quantize import quantize_bnb
 
     model, tok = quantize_bnb(quantized[0], method, tmp_path / method)
-    kwargs = {"prompt_template": PROMPT, "use_chat_template": True, "max_new_tokens": 8, "batch_size": 4}
-    before = generate(model, tok, TEXTS, **kwargs)
+    before = generate(model, tok, TEXTS, SETTINGS)
     again, tok2 = load_quantized(tmp_path / method)
-    assert generate(again, tok2, TEXTS, **kwargs) == before
+    assert generate(again, tok2, TEXTS, SETTINGS) == before
     assert json.loads((tmp_path / method / "sftflow_quantization.json").read_text())["method"] == method

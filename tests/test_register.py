@@ -22,7 +22,7 @@ def store(tmp_path_factory):
 
 
 def _params(tiny_overrides, name):
-    from tasks.config import load_params
+    from tasks.core.config import load_params
 
     return load_params(ROOT / "params.yaml", tiny_overrides + [f"register.model_name={name}"])
 
@@ -31,7 +31,7 @@ def test_register_records_lineage_and_safetensors_only(store, tiny_overrides, ti
     import mlflow
 
     from tasks import register
-    from tasks.io import file_sha256
+    from tasks.core.io import file_sha256
 
     def git_head():
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -51,7 +51,7 @@ def test_register_records_lineage_and_safetensors_only(store, tiny_overrides, ti
     assert tags["model.base"] == "scratch"
     assert tags["validate.success"] == "true"
     assert tags["prefect.flow_run_id"] == "flow-123"
-    assert tags["split.test_sha256"] == file_sha256(params.paths.stage_dir("split") / "test.jsonl")
+    assert tags["split.test_sha256"] == file_sha256(params.layout.stage_dir("split") / "test.jsonl")
     assert float(tags["evaluate.rouge-l"]) == pytest.approx(34.5)
     assert client.get_run(mv.run_id).data.metrics["evaluate.rouge-l"] == pytest.approx(34.5)
     # Per-row scores for promotion are stored in the run, keyed by the test split hash.
@@ -75,11 +75,11 @@ def test_failed_run_registers_nothing(store, tiny_overrides, tiny_model_dir):
     import mlflow
 
     from tasks import register
-    from tasks.errors import StageError
+    from tasks.core.errors import StageError
 
     params = _params(tiny_overrides, "reg-failed")
     build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
-    params.paths.metrics_file("evaluate").unlink()  # evaluate failed: no metrics
+    params.layout.metrics_file("evaluate").unlink()  # evaluate failed: no metrics
     with pytest.raises(StageError, match="evaluate.json does not exist"):
         register.run(params)
     assert mlflow.MlflowClient().search_model_versions("name='reg-failed'") == []
@@ -87,8 +87,8 @@ def test_failed_run_registers_nothing(store, tiny_overrides, tiny_model_dir):
 
 def test_champion_loads_in_fresh_process_and_matches_evaluate(store, tiny_overrides, tiny_model_dir):
     from tasks import promote, register
-    from tasks.generation import generate
-    from tasks.modeling import load_model_and_tokenizer
+    from tasks.core.generation import GenerationSettings, generate
+    from tasks.core.modeling import load_model_and_tokenizer
 
     params = _params(tiny_overrides, "reg-serve")
     build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
@@ -97,9 +97,7 @@ def test_champion_loads_in_fresh_process_and_matches_evaluate(store, tiny_overri
 
     texts = [r["text"] for r in ROWS[:4]]
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
-    expected = generate(model, tokenizer, texts, prompt_template=params.data.prompt_template,
-                        use_chat_template=params.data.use_chat_template, max_new_tokens=params.evaluate.max_new_tokens,
-                        batch_size=params.evaluate.batch_size, max_source_length=params.train.max_source_length)
+    expected = generate(model, tokenizer, texts, GenerationSettings.of(params))
     code = (
         "import json, sys, mlflow, pandas as pd\n"
         "m = mlflow.pyfunc.load_model('models:/reg-serve@champion')\n"
@@ -121,15 +119,16 @@ def test_champion_loads_in_fresh_process_and_matches_evaluate(store, tiny_overri
 
 def _int8_variant(params, model_dir, drop):
     """The quantize stage's int8 folder (its own functions) and a metrics/quantize.json with the given drop."""
-    from tasks.io import write_json
-    from tasks.modeling import load_model_and_tokenizer
-    from tasks.quantize import quantize_int8, save_int8
+    from tasks.core.io import write_json
+    from tasks.core.modeling import load_model_and_tokenizer
+    from tasks.core.variants import save_int8
+    from tasks.quantize import quantize_int8
 
     model, tokenizer = load_model_and_tokenizer(model_dir)
     _, tensors, layout = quantize_int8(model)
-    folder = params.paths.stage_dir("quantize") / "int8"
+    folder = params.layout.stage_dir("quantize") / "int8"
     save_int8(tensors, layout, model, tokenizer, folder)
-    write_json(params.paths.metrics_file("quantize"), {"rows": len(ROWS), "int8.rouge-l": 30.0 - drop,
+    write_json(params.layout.metrics_file("quantize"), {"rows": len(ROWS), "int8.rouge-l": 30.0 - drop,
                                                         "int8.rouge-l_drop": drop, "int8.passed": drop <= 1.0})
     return folder
 
@@ -139,8 +138,8 @@ def test_quantized_variant_registered_loaded_and_gated(store, tiny_overrides, ti
     import pandas as pd
 
     from tasks import promote, register
-    from tasks.generation import generate
-    from tasks.quantize import load_quantized
+    from tasks.core.generation import GenerationSettings, generate
+    from tasks.core.variants import load_quantized
 
     params = _params(tiny_overrides, "reg-variant")
     build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
@@ -153,9 +152,7 @@ def test_quantized_variant_registered_loaded_and_gated(store, tiny_overrides, ti
 
     texts = [r["text"] for r in ROWS[:3]]
     model, tokenizer = load_quantized(folder)
-    expected = generate(model, tokenizer, texts, prompt_template=params.data.prompt_template,
-                        use_chat_template=params.data.use_chat_template, max_new_tokens=params.evaluate.max_new_tokens,
-                        batch_size=params.evaluate.batch_size, max_source_length=params.train.max_source_length)
+    expected = generate(model, tokenizer, texts, GenerationSettings.of(params))
     loaded = mlflow.pyfunc.load_model("models:/reg-variant-int8/1")
     assert loaded.predict(pd.DataFrame({"text": texts})) == expected
     assert type(loaded.unwrap_python_model().model).__name__ == type(model).__name__
@@ -205,7 +202,7 @@ def test_register_is_idempotent_after_a_partial_attempt_and_a_retry(store, tiny_
     main = client.get_model_version("reg-idem", "1")
     assert main.tags["sftflow.variant.int8"] == "models:/reg-idem-int8/1"
     assert main.tags[register.CONTENT_TAG] == register.content_sha256(
-        params.paths.stage_dir("train") / "model", params, {**main.tags, "code.commit": "other"}
+        params.layout.stage_dir("train") / "model", params, {**main.tags, "code.commit": "other"}
     )  # circumstances (commit, flow run) are not content
 
     # A retry of a run that already finished: the same versions, nothing new.

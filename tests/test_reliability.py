@@ -46,7 +46,7 @@ def world(tmp_path_factory):
     """A tiny project, a Prefect server and an MLflow server; the env a flow subprocess runs with."""
     import mlflow
 
-    from flows.retrain import write_overrides
+    from flows.dvc_stage import write_overrides
 
     root = tmp_path_factory.mktemp("reliability")
     project = make_tiny_project(root / "project")
@@ -373,7 +373,7 @@ def test_bad_data_fails_validate_and_the_champion_keeps_serving(world):
 
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
-    from tasks import io
+    from tasks.core import io
 
     target = tmp_path / "metrics.json"
     io.write_json(target, {"v": 1})
@@ -392,7 +392,7 @@ def test_sigkill_mid_write_leaves_the_old_or_the_new_file(tmp_path):
     target = tmp_path / "rows.jsonl"
     script = (
         "import sys\n"
-        "from tasks.io import write_jsonl\n"
+        "from tasks.core.io import write_jsonl\n"
         "i = 0\n"
         "while True:\n"
         "    write_jsonl(sys.argv[1], [{'i': i, 'text': 'x' * 1000} for _ in range(2000)])\n"
@@ -427,7 +427,7 @@ def _checkpoint(ckpt_dir: Path, step: int, *, state: str | None = "ok", weights:
 
 
 def test_resume_passes_over_partial_checkpoints(tmp_path):
-    from tasks.io import write_json
+    from tasks.core.io import write_json
     from tasks.train import (
         FINGERPRINT_FILE,
         last_complete_checkpoint,

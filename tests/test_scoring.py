@@ -1,4 +1,4 @@
-"""tasks/scoring.py: Chinese ROUGE by hand and against rouge-chinese, empty predictions, bootstrap."""
+"""tasks/core/scoring.py: Chinese ROUGE by hand and against rouge-chinese, empty predictions, bootstrap."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 from conftest import sample_rows
 
-from tasks.scoring import METRICS, bootstrap_ci, paired_bootstrap, score, tokenize
+from tasks.core.scoring import METRICS, bootstrap_ci, paired_bootstrap, score, tokenize
 
 
 def test_chinese_rouge_worked_by_hand():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT, sample_rows
 
-from tasks.config import load_params
-from tasks.errors import StageError
-from tasks.io import read_json, write_jsonl
+from tasks.core.config import load_params
+from tasks.core.errors import StageError
+from tasks.core.io import read_json, write_jsonl
 
 TEMPLATE = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："
 
@@ -17,8 +17,8 @@ def trained_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model after 20 full-batch steps on 60 other demo rows: val loss ~7.0 against ~7.55 untrained."""
     import torch
 
-    from tasks.modeling import load_model_and_tokenizer, save_model
-    from tasks.prompt import collate_features, encode_example
+    from tasks.core.modeling import load_model_and_tokenizer, save_model
+    from tasks.core.prompt import collate_features, encode_example
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
@@ -70,11 +70,11 @@ def test_the_better_base_is_chosen_and_both_are_in_the_table(select_params, tiny
     assert table[str(trained_model_dir)]["loss"] < table[str(tiny_model_dir)]["loss"] - 0.3
     for entry in table.values():
         assert {"loss", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "rouge-l_low", "rouge-l_high"} <= set(entry)
-    choice = read_json(params.paths.stage_dir("select") / "choice.json")
+    choice = read_json(params.layout.stage_dir("select") / "choice.json")
     assert choice["base"] == str(trained_model_dir)
     assert choice["candidates"] == [str(tiny_model_dir), str(trained_model_dir)]
-    assert read_json(params.paths.metrics_file("select")) == metrics
-    assert (params.paths.plots_dir("select") / "candidates.png").read_bytes()[:4] == b"\x89PNG"
+    assert read_json(params.layout.metrics_file("select")) == metrics
+    assert (params.layout.plots_dir("select") / "candidates.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_scratch_candidate_and_a_missing_dir_is_reported_and_skipped(select_params, trained_model_dir, tmp_path):
@@ -88,7 +88,7 @@ def test_scratch_candidate_and_a_missing_dir_is_reported_and_skipped(select_para
     # A fresh random decoder knows nothing of the task: its loss is near log(vocab size) per character.
     assert metrics["candidates"]["scratch"]["loss"] > metrics["candidates"][str(trained_model_dir)]["loss"]
     assert metrics["chosen"] == str(trained_model_dir)
-    assert read_json(params.paths.stage_dir("select") / "choice.json")["skipped"] == [str(missing)]
+    assert read_json(params.layout.stage_dir("select") / "choice.json")["skipped"] == [str(missing)]
 
 
 def test_all_missing_fails_naming_each(select_params, tmp_path):
@@ -101,14 +101,14 @@ def test_all_missing_fails_naming_each(select_params, tmp_path):
 
 
 def test_one_candidate_passes_through_without_loading(select_params, monkeypatch):
-    import tasks.modeling
+    import tasks.core.modeling
     from tasks.select import run
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a single candidate must not be loaded")
 
-    monkeypatch.setattr(tasks.modeling, "load_model_and_tokenizer", forbidden)
+    monkeypatch.setattr(tasks.core.modeling, "load_model_and_tokenizer", forbidden)
     params = select_params([])
     run(params)
-    choice = read_json(params.paths.stage_dir("select") / "choice.json")
+    choice = read_json(params.layout.stage_dir("select") / "choice.json")
     assert choice == {"base": "scratch", "candidates": ["scratch"], "scored": False}

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, sample_rows
 from registry_helpers import sqlite_store
 
-from tasks.errors import StageError
+from tasks.core.errors import StageError
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -39,12 +39,13 @@ def _register(model_dir: Path, params, rouge_l: float, int8: bool = False) -> tu
     int8 variant (quantized with the quantize stage's own functions); return (version, variant URI)."""
     import mlflow
 
-    from tasks.modeling import load_model_and_tokenizer
-    from tasks.quantize import quantize_int8, save_int8
+    from tasks.core.modeling import load_model_and_tokenizer
+    from tasks.core.variants import save_int8
+    from tasks.quantize import quantize_int8
     from tasks.register import log_and_register, variant_uri_tag
-    from tasks.tracking import setup_mlflow
+    from tasks.core.tracking import setup_mlflow
 
-    setup_mlflow(params)
+    setup_mlflow(params.register.experiment)
     tags = {"data.sha256": "feed", "model.base": "scratch"}
     variant_uri = None
     with mlflow.start_run():
@@ -67,9 +68,9 @@ def _second_model(tmp: Path) -> Path:
     """
     import torch
 
-    from tasks.config import ModelConfig
-    from tasks.io import set_seed
-    from tasks.modeling import build_scratch_model, save_model, train_tokenizer
+    from tasks.core.config import ModelConfig
+    from tasks.core.io import set_seed
+    from tasks.core.modeling import build_scratch_model, save_model, train_tokenizer
 
     set_seed(1)
     rows = sample_rows(200)
@@ -92,8 +93,8 @@ def served(tmp_path_factory, tiny_model_dir):
     from gradio_client import Client
     from mlflow import MlflowClient
 
-    from tasks.config import load_params
-    from tasks.io import write_jsonl
+    from tasks.core.config import load_params
+    from tasks.core.io import write_jsonl
     from tasks.serve import ChampionServer, build_app
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -110,7 +111,7 @@ def served(tmp_path_factory, tiny_model_dir):
             f"serve.max_chars={MAX_CHARS}",
         ])
         test_rows = [{"id": str(i), "text": r["text"][:200], "summary": r["summary"]} for i, r in enumerate(sample_rows(5))]
-        write_jsonl(params.paths.stage_dir("split") / "test.jsonl", test_rows)
+        write_jsonl(params.layout.stage_dir("split") / "test.jsonl", test_rows)
         v1, _ = _register(tiny_model_dir, params, rouge_l=12.5)
         v2, v2_int8 = _register(_second_model(tmp), params, rouge_l=13.5, int8=True)
         client = MlflowClient()
@@ -345,11 +346,11 @@ def test_run_binds_localhost_without_share_and_reads_auth(monkeypatch, tiny_para
 
 
 def test_examples_come_from_the_test_split(tiny_params):
-    from tasks.io import write_jsonl
+    from tasks.core.io import write_jsonl
     from tasks.serve import example_texts
 
     assert example_texts(tiny_params) == []
     rows = [{"id": str(i), "text": f"文本{i}", "summary": "s"} for i in range(8)]
-    write_jsonl(tiny_params.paths.stage_dir("split") / "test.jsonl", rows)
+    write_jsonl(tiny_params.layout.stage_dir("split") / "test.jsonl", rows)
     assert example_texts(tiny_params, n=3) == ["文本0", "文本1", "文本2"]
     assert example_texts(tiny_params)[-1] == "文本4"

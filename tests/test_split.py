@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, sample_rows
 
-from tasks.config import SplitConfig, load_params
-from tasks.errors import DataError, StageError
+from tasks.core.config import SplitConfig, load_params
+from tasks.core.errors import DataError, StageError
 
 
 def params_with_clean(tmp_path: Path, rows: list[dict], *extra: str):
@@ -19,14 +19,14 @@ def params_with_clean(tmp_path: Path, rows: list[dict], *extra: str):
         ROOT / "params.yaml",
         [f"paths.artifacts={tmp_path / 'artifacts'}", f"paths.metrics={tmp_path / 'metrics'}", *extra],
     )
-    clean = params.paths.stage_dir("validate") / "clean.jsonl"
+    clean = params.layout.stage_dir("validate") / "clean.jsonl"
     clean.parent.mkdir(parents=True, exist_ok=True)
     clean.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return params
 
 
 def read_splits(params) -> dict[str, list[dict]]:
-    out = params.paths.stage_dir("split")
+    out = params.layout.stage_dir("split")
     return {s: [json.loads(x) for x in (out / f"{s}.jsonl").read_text(encoding="utf-8").splitlines()] for s in ("train", "val", "test")}
 
 
@@ -48,7 +48,7 @@ def test_split_writes_sorted_disjoint_splits_near_the_ratios_with_hashes(tmp_pat
         assert metrics[f"{name}_rows"] == len(splits[name])
         assert abs(len(splits[name]) / 1000 - ratio) < 0.04, (name, len(splits[name]))
         assert [r["id"] for r in splits[name]] == sorted(r["id"] for r in splits[name])
-        path = params.paths.stage_dir("split") / f"{name}.jsonl"
+        path = params.layout.stage_dir("split") / f"{name}.jsonl"
         assert metrics["sha256"][name] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert set(splits["train"][0]) == {"id", "text", "summary"}
     assert json.loads((tmp_path / "metrics" / "split.json").read_text()) == metrics
@@ -159,7 +159,7 @@ def test_a_leaky_assignment_fails_loudly_and_writes_no_split(tmp_path, monkeypat
     monkeypatch.setattr(split, "assign", leaky)
     with pytest.raises(StageError, match=r"near-identical text pair\(s\) across splits.*-copy \(identical text\)"):
         split.run(params)
-    assert not list(params.paths.stage_dir("split").glob("*.jsonl"))
+    assert not list(params.layout.stage_dir("split").glob("*.jsonl"))
 
 
 def test_missing_clean_data_and_empty_splits_fail(tmp_path):

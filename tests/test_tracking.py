@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.io import write_json
+from tasks.core.io import write_json
 
 
 @pytest.fixture
@@ -23,29 +23,29 @@ def project_root(tmp_path, monkeypatch):
 def test_default_store_and_stage_logging(project_root, tiny_params):
     import mlflow
 
-    from tasks.tracking import log_params, log_run_files, log_stage, setup_mlflow
+    from tasks.core.tracking import log_params, log_run_files, log_stage, setup_mlflow
 
     params = tiny_params
-    experiment_id = setup_mlflow(params)
+    experiment_id = setup_mlflow(params.register.experiment)
     assert mlflow.get_tracking_uri() == f"sqlite:///{project_root / 'mlflow.db'}"
     experiment = mlflow.get_experiment(experiment_id)
     assert experiment.name == "sftflow"
     assert experiment.artifact_location == (project_root / "mlartifacts").as_uri()
-    assert setup_mlflow(params) == experiment_id  # idempotent: found, not created again
+    assert setup_mlflow(params.register.experiment) == experiment_id  # idempotent: found, not created again
 
-    write_json(params.paths.metrics_file("evaluate"),
+    write_json(params.layout.metrics_file("evaluate"),
                {"rouge-l": 21.5, "rouge-l_low": 19.0, "test_sha256": "abc", "base": {"rouge-l": 3.25}, "ok": True})
-    params.paths.plots_dir("evaluate").mkdir(parents=True)
-    (params.paths.plots_dir("evaluate") / "metrics.png").write_bytes(b"\x89PNG fake")
-    write_json(params.paths.stage_dir("evaluate") / "predictions.jsonl.json", {"x": 1})
-    (params.paths.stage_dir("evaluate") / "predictions.jsonl").write_text('{"id": "1"}\n', encoding="utf-8")
-    model = params.paths.stage_dir("train") / "model"
+    params.layout.plots_dir("evaluate").mkdir(parents=True)
+    (params.layout.plots_dir("evaluate") / "metrics.png").write_bytes(b"\x89PNG fake")
+    write_json(params.layout.stage_dir("evaluate") / "predictions.jsonl.json", {"x": 1})
+    (params.layout.stage_dir("evaluate") / "predictions.jsonl").write_text('{"id": "1"}\n', encoding="utf-8")
+    model = params.layout.stage_dir("train") / "model"
     model.mkdir(parents=True)
     write_json(model / "config.json", {})
     (model / "model.safetensors").write_bytes(b"weights")
-    write_json(params.paths.metrics_file("train"), {"train_loss": 2.5})
-    params.paths.plots_dir("train").mkdir(parents=True)
-    (params.paths.plots_dir("train") / "loss.csv").write_text(
+    write_json(params.layout.metrics_file("train"), {"train_loss": 2.5})
+    params.layout.plots_dir("train").mkdir(parents=True)
+    (params.layout.plots_dir("train") / "loss.csv").write_text(
         "step,train_loss,val_loss\n1,3.0,\n2,2.5,2.75\n3,2.0,\n", encoding="utf-8"
     )
     (project_root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n", encoding="utf-8")
@@ -79,8 +79,8 @@ def test_default_store_and_stage_logging(project_root, tiny_params):
 
 
 def test_logging_without_a_run_fails_clearly(project_root, tiny_params):
-    from tasks.errors import StageError
-    from tasks.tracking import log_stage
+    from tasks.core.errors import StageError
+    from tasks.core.tracking import log_stage
 
     with pytest.raises(StageError, match="no active MLflow run"):
         log_stage(tiny_params, "evaluate")

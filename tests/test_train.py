@@ -12,10 +12,10 @@ from conftest import ROOT, sample_rows, write_tiny_splits
 from safetensors.torch import load_file
 
 from tasks.cli import main as cli
-from tasks.config import ParamsError, load_params
-from tasks.io import read_json
-from tasks.modeling import load_model_and_tokenizer
-from tasks.prompt import collate_features, encode_example, summary_loss
+from tasks.core.config import ParamsError, load_params
+from tasks.core.io import read_json
+from tasks.core.modeling import load_model_and_tokenizer
+from tasks.core.prompt import collate_features, encode_example, summary_loss
 from tasks.train import checkpoint_step, last_complete_checkpoint, run
 
 TEMPLATE = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："

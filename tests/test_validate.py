@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from conftest import ROOT, sample_rows
 
-from tasks.config import load_params
-from tasks.errors import DataError, StageError
+from tasks.core.config import load_params
+from tasks.core.errors import DataError, StageError
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

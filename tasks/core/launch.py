@@ -2,15 +2,15 @@
 
 `sftflow train` with `train.num_processes: N > 1` starts itself again as N ranks:
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m tasks.launch train PARAMS.yaml
+    python -m torch.distributed.run --standalone --nproc_per_node N -m tasks.cli train --params PARAMS.yaml
 
 Each rank loads the resolved params that the parent wrote and calls the stage's `run`, which sees
 `WORLD_SIZE` in its environment and trains instead of relaunching (gloo on CPU, nccl on GPU).
+Ranks other than 0 log warnings only (`tasks.cli`).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tasks.config import Params, load_params, save_params
-from tasks.errors import StageError
+from tasks.core.errors import StageError
+from tasks.core.stage_params import StageParams
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,12 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def relaunch(stage: str, params: Params, num_processes: int, threads_per_rank: int) -> None:
-    """Run `stage` as `num_processes` torchrun ranks with these params; returns when all have finished.
+def relaunch(stage: str, params: StageParams, num_processes: int, threads_per_rank: int) -> None:
+    """Run `sftflow <stage>` as `num_processes` torchrun ranks with these params; returns when all have finished.
 
     Args:
-        stage: the stage module under `tasks`.
-        params: the resolved params (written to a temporary file the ranks load).
+        stage: the stage to run.
+        params: the stage's params (the whole resolved params are written to a file the ranks load).
         num_processes: ranks on this machine.
         threads_per_rank: torch intra-op threads per rank.
 
@@ -81,7 +81,7 @@ def relaunch(stage: str, params: Params, num_processes: int, threads_per_rank: i
     """
     with tempfile.TemporaryDirectory(prefix="sftflow-launch-") as tmp:
         params_file = Path(tmp) / "params.yaml"
-        save_params(params, params_file)
+        params.save(params_file)
         cmd = [
             sys.executable,
             "-m",
@@ -89,8 +89,9 @@ def relaunch(stage: str, params: Params, num_processes: int, threads_per_rank: i
             "--standalone",
             f"--nproc_per_node={num_processes}",
             "-m",
-            "tasks.launch",
+            "tasks.cli",
             stage,
+            "--params",
             str(params_file),
         ]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_rank), **{LAUNCHED_ENV: "1"})
@@ -103,23 +104,3 @@ def relaunch(stage: str, params: Params, num_processes: int, threads_per_rank: i
             f"`{stage}` failed in one of its {num_processes} ranks (exit code {result.returncode}); "
             "its error is printed above"
         )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Rank entry point: `python -m tasks.launch STAGE PARAMS_FILE`."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m tasks.launch STAGE PARAMS_FILE", file=sys.stderr)
-        return 2
-    stage, params_file = args
-    logging.basicConfig(
-        level=logging.INFO if is_rank_zero() else logging.WARNING,
-        format=f"%(asctime)s rank{os.environ.get('RANK', '?')} %(levelname)s %(name)s: %(message)s",
-    )
-    params = load_params(params_file)
-    importlib.import_module(f"tasks.{stage}").run(params)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

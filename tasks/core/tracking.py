@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Params, save_params
-from tasks.errors import StageError
-from tasks.io import read_json
+from tasks.core.config import Params, save_params
+from tasks.core.errors import StageError
+from tasks.core.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ def default_artifact_location() -> str | None:
     return (Path(uri[len("sqlite:///"):]).resolve().parent / ARTIFACTS_DIR).as_uri()
 
 
-def setup_mlflow(params: Params) -> str:
-    """Point MLflow at the store and make the experiment named in params the active one.
+def setup_mlflow(experiment: str) -> str:
+    """Point MLflow at the store and make `experiment` (params `register.experiment`) the active one.
 
     Args:
-        params: the run's parameters (`register.experiment` names the experiment).
+        experiment: the experiment's name; created when it does not exist.
 
     Returns:
         The experiment id.
@@ -69,7 +69,7 @@ def setup_mlflow(params: Params) -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    name = params.register.experiment
+    name = experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -155,7 +155,7 @@ def log_loss_series(params: Params, run_id: str | None = None) -> int:
     import mlflow
     from mlflow.entities import Metric
 
-    path = params.paths.plots_dir("train") / "loss.csv"
+    path = params.layout.plots_dir("train") / "loss.csv"
     if not path.exists():
         log.info("no %s: no loss series to log", path)
         return 0
@@ -188,7 +188,7 @@ def log_loss_series(params: Params, run_id: str | None = None) -> int:
 
 def _stage_files(params: Params, stage: str) -> list[Path]:
     """Small report files under artifacts/<stage>/, skipping model folders."""
-    root = params.paths.stage_dir(stage)
+    root = params.layout.stage_dir(stage)
     if not root.is_dir():
         return []
     suffixes = ARTIFACT_SUFFIXES | STAGE_EXTRA_SUFFIXES.get(stage, set())
@@ -229,18 +229,18 @@ def log_stage(params: Params, stage: str, run_id: str | None = None) -> dict[str
     run_id = _run_id(run_id)
     client = mlflow.MlflowClient()
     metrics: dict[str, float] = {}
-    metrics_file = params.paths.metrics_file(stage)
+    metrics_file = params.layout.metrics_file(stage)
     if metrics_file.exists():
         try:
             metrics = flatten_metrics(read_json(metrics_file), stage)
         except ValueError as e:
             raise StageError(f"{metrics_file} is not valid JSON: {e}") from e
         _log_metrics(client, run_id, metrics)
-    plots = params.paths.plots_dir(stage)
+    plots = params.layout.plots_dir(stage)
     if plots.is_dir() and any(plots.iterdir()):
         client.log_artifacts(run_id, str(plots), artifact_path=f"plots/{stage}")
     for f in _stage_files(params, stage):
-        rel = f.relative_to(params.paths.stage_dir(stage)).parent.as_posix()
+        rel = f.relative_to(params.layout.stage_dir(stage)).parent.as_posix()
         client.log_artifact(run_id, str(f), artifact_path=stage if rel == "." else f"{stage}/{rel}")
     if stage == "train":
         log_loss_series(params, run_id)

@@ -3,7 +3,7 @@
 `tasks.register` logs this file as the model's code (`python_model=<this file>`); MLflow runs it
 at load time and takes the model set by `mlflow.models.set_model` below. The model's artifacts are
 the Hugging Face folder (`hf_model`: safetensors + tokenizer; a quantized variant's folder carries
-the quantize stage's marker and loads through `tasks.quantize.load_quantized`) and `sftflow.json`
+the quantize stage's marker and loads through `tasks.core.variants.load_quantized`) and `sftflow.json`
 (generation settings), so a loaded model generates exactly like the `evaluate` stage:
 
     loaded = mlflow.pyfunc.load_model("models:/sftflow-summarizer@champion")
@@ -23,6 +23,10 @@ from typing import Any
 
 import mlflow
 from mlflow.pyfunc import PythonModel
+
+from tasks.core.generation import GenerationSettings, generate
+from tasks.core.modeling import load_model_and_tokenizer
+from tasks.core.variants import MARKER_FILE, load_quantized
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +51,9 @@ class SummarizerModel(PythonModel):
         if missing:
             raise ValueError(f"{SETTINGS_FILE} of this model lacks {missing}; re-register the model")
         model_dir = Path(context.artifacts[MODEL_ARTIFACT])
-        from tasks.quantize import MARKER_FILE
-
         if (model_dir / MARKER_FILE).exists():  # the folder says it is quantized, and how
-            from tasks.quantize import load_quantized
-
             model, tokenizer = load_quantized(model_dir)
         else:
-            from tasks.modeling import load_model_and_tokenizer
-
             model, tokenizer = load_model_and_tokenizer(model_dir)
         model.eval()
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
@@ -64,19 +62,12 @@ class SummarizerModel(PythonModel):
     # No type hints on predict: MLflow 3 would build its input validation from them.
     def predict(self, context, model_input, params=None):
         """One greedy summary per row of `model_input` (a DataFrame with `text`, or a list of str)."""
-        from tasks.generation import generate
+        return generate(self.model, self.tokenizer, _texts(model_input), self.generation)
 
-        texts = _texts(model_input)
-        return generate(
-            self.model,
-            self.tokenizer,
-            texts,
-            prompt_template=self.settings["prompt_template"],
-            use_chat_template=self.settings["use_chat_template"],
-            max_new_tokens=self.settings["max_new_tokens"],
-            batch_size=self.settings["batch_size"],
-            max_source_length=self.settings.get("max_source_length"),
-        )
+    @property
+    def generation(self) -> GenerationSettings:
+        """The generation settings the model was evaluated with (from `sftflow.json`)."""
+        return GenerationSettings.from_dict(self.settings)
 
 
 def _texts(model_input: Any) -> list[str]:

@@ -129,15 +129,3 @@ def configure_threads(threads: int = 0, ranks: int = 1) -> int:
     n = threads or max(1, (os.cpu_count() or 1) // max(1, ranks))
     torch.set_num_threads(n)
     return n
-
-
-def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
-    """Render a matplotlib figure to PNG atomically and close it (plots are DVC outputs too)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())

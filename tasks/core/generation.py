@@ -12,24 +12,71 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from tasks.prompt import build_prompt, encode_example
+from tasks.core.prompt import build_prompt, encode_example
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a summary is generated: everything that changes the text, plus the batch size (which does not).
+
+    Attributes:
+        prompt_template: the `{text}` template (params `data.prompt_template`).
+        use_chat_template: wrap the prompt in the tokenizer's chat template when it has one.
+        max_new_tokens: generation stops at eos or after this many new tokens.
+        max_source_length: when set, a longer prompt has its *text* cut exactly as training cuts it
+            (`tasks.core.prompt.encode_example`), so the model sees at test time what it was trained on.
+        batch_size: prompts per forward pass (batched and one-by-one generation give the same text).
+    """
+
+    prompt_template: str
+    use_chat_template: bool
+    max_new_tokens: int
+    max_source_length: int | None = None
+    batch_size: int = 32
+
+    @classmethod
+    def of(cls, params: Any) -> GenerationSettings:
+        """The settings the params name (`tasks.core.config.GENERATION_KEYS`; a stage's slice or `Params`)."""
+        return cls(
+            prompt_template=params.data.prompt_template,
+            use_chat_template=params.data.use_chat_template,
+            max_new_tokens=params.evaluate.max_new_tokens,
+            max_source_length=params.train.max_source_length,
+            batch_size=params.evaluate.batch_size,
+        )
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> GenerationSettings:
+        """From a logged model's `sftflow.json` (which holds more keys: language, quantization)."""
+        return cls(
+            prompt_template=settings["prompt_template"],
+            use_chat_template=bool(settings["use_chat_template"]),
+            max_new_tokens=int(settings["max_new_tokens"]),
+            max_source_length=settings.get("max_source_length"),
+            batch_size=int(settings["batch_size"]),
+        )
+
+    def output_key(self) -> dict[str, Any]:
+        """The settings that change what is generated (the batch size does not): a cache key's part."""
+        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """All settings as a JSON-safe dict (the registered model's `sftflow.json` holds them)."""
+        return asdict(self)
 
 
 def generate(
     model: Any,
     tokenizer: Any,
     texts: Sequence[str],
+    settings: GenerationSettings,
     *,
-    prompt_template: str,
-    use_chat_template: bool,
-    max_new_tokens: int,
-    batch_size: int,
     progress: bool = False,
-    max_source_length: int | None = None,
 ) -> list[str]:
     """Generate one summary per text with greedy decoding.
 
@@ -37,13 +84,8 @@ def generate(
         model: a Hugging Face causal LM (any device; inputs follow `model.device`).
         tokenizer: its tokenizer (pad token set; `load_model_and_tokenizer` guarantees it).
         texts: source texts.
-        prompt_template: the `{text}` template (params `data.prompt_template`).
-        use_chat_template: wrap the prompt in the tokenizer's chat template when it has one.
-        max_new_tokens: generation stops at eos or after this many new tokens.
-        batch_size: prompts per forward pass.
+        settings: prompt, length limits and batch size.
         progress: show a tqdm bar over batches.
-        max_source_length: when set, a longer prompt has its *text* cut exactly as training cuts it
-            (`tasks.prompt.encode_example`), so the model sees at test time what it was trained on.
 
     Returns:
         The generated summaries (new tokens only, special tokens skipped, whitespace stripped), in the
@@ -52,15 +94,16 @@ def generate(
     import torch
     from tqdm.auto import tqdm
 
+    batch_size, max_new_tokens = settings.batch_size, settings.max_new_tokens
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     texts = list(texts)
     if not texts:
         return []
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; load it with tasks.modeling.load_model_and_tokenizer")
+        raise ValueError("the tokenizer has no pad token; load it with tasks.core.modeling.load_model_and_tokenizer")
 
-    prompt_ids = encode_prompts(tokenizer, texts, prompt_template, use_chat_template, max_source_length)
+    prompt_ids = encode_prompts(tokenizer, texts, settings)
     lengths = [len(ids) for ids in prompt_ids]
     # Longest first: the widest batch runs first (memory errors show at once) and padding stays small.
     order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
@@ -109,17 +152,13 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     return ids, mask
 
 
-def encode_prompts(
-    tokenizer: Any,
-    texts: Sequence[str],
-    prompt_template: str,
-    use_chat_template: bool,
-    max_source_length: int | None = None,
-) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, texts: Sequence[str], settings: GenerationSettings) -> list[list[int]]:
     """The prompt token ids the model sees for each text (generate and the app's streaming share it).
 
-    With `max_source_length` the text is cut exactly as training cuts it (`encode_example`).
+    With `settings.max_source_length` the text is cut exactly as training cuts it (`encode_example`).
     """
+    prompt_template, use_chat_template = settings.prompt_template, settings.use_chat_template
+    max_source_length = settings.max_source_length
     if max_source_length is None:
         has_chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
         prompts = [build_prompt(t, prompt_template, tokenizer, use_chat_template) for t in texts]

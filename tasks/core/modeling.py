@@ -11,8 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ModelConfig
-from tasks.errors import StageError
+from tasks.core.config import ModelConfig
+from tasks.core.errors import StageError
+from tasks.core.io import set_seed
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,28 @@ def build_scratch_model(cfg: ModelConfig, tokenizer: Any) -> Any:
     return model
 
 
+def scratch_base(cfg: ModelConfig, train_rows: list[dict[str, Any]], prompt_template: str, seed: int) -> tuple[Any, Any]:
+    """The scratch base: a tokenizer trained on the train split and a seeded random decoder of `cfg`'s shape.
+
+    `pretrain` builds it to pretrain, `select` to score it as a candidate: both call this, so a
+    candidate `scratch` is exactly what pretrain would start from.
+
+    Args:
+        cfg: params `model:` (tokenizer kind, vocabulary and decoder sizes).
+        train_rows: the train split (texts and summaries form the tokenizer's corpus).
+        prompt_template: params `data.prompt_template`; its characters (the instruction, "标题：") join
+            the vocabulary, so the prompt is never `<unk>`.
+        seed: seeds the initialisation.
+
+    Returns:
+        (model, tokenizer).
+    """
+    set_seed(seed)
+    corpus = [r["text"] for r in train_rows] + [r["summary"] for r in train_rows]
+    tokenizer = train_tokenizer(corpus + [prompt_template], cfg.tokenizer, cfg.vocab_size)
+    return build_scratch_model(cfg, tokenizer), tokenizer
+
+
 def is_local_model_dir(name_or_path: str | Path) -> bool:
     """True for a folder that holds a Hugging Face config."""
     p = Path(name_or_path)
@@ -124,7 +147,7 @@ def load_model_and_tokenizer(
             "point model.base at a Hugging Face model folder (or use `scratch`)"
         )
     try:
-        tokenizer = _load_tokenizer(name, trust_remote_code)
+        tokenizer = load_tokenizer(name, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             name,
             trust_remote_code=trust_remote_code,
@@ -146,7 +169,7 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
+def load_tokenizer(name: str, trust_remote_code: bool) -> Any:
     """AutoTokenizer, except for a plain `tokenizers` tokenizer (ours): load that as it was saved.
 
     transformers 5 picks the tokenizer class from the model's `model_type` (qwen2 -> Qwen2Tokenizer)
@@ -165,6 +188,13 @@ def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
     return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 
+def place_on_device(model: Any) -> Any:
+    """The model on the GPU when there is one (generation is what costs)."""
+    import torch
+
+    return model.to("cuda") if torch.cuda.is_available() and model.device.type == "cpu" else model
+
+
 def save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """Save as safetensors + tokenizer, the layout every stage and the registry read."""
     out_dir = Path(out_dir)
@@ -180,62 +210,9 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-# --- Training helpers shared by `pretrain` and `train` ------------------------------------------
-
-
 def linear_module_names(model: Any) -> list[str]:
     """Sorted short names (`q_proj`, `down_proj`, ...) of the Linear layers LoRA can target."""
     import torch
 
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     return sorted(names)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
-
-
-def loss_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per logged step from a Trainer's `log_history`: step, train_loss, val_loss (None if absent)."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for entry in log_history:
-        step = int(entry.get("step", 0))
-        if "loss" in entry:
-            by_step.setdefault(step, {"step": step, "train_loss": None, "val_loss": None})["train_loss"] = float(entry["loss"])
-        if "eval_loss" in entry:
-            by_step.setdefault(step, {"step": step, "train_loss": None, "val_loss": None})["val_loss"] = float(entry["eval_loss"])
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def write_loss_curve(rows: list[dict[str, Any]], csv_path: Path, png_path: Path, title: str) -> None:
-    """Write the loss rows as CSV (columns step,train_loss,val_loss for `dvc plots show`) and a PNG plot."""
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tasks.io import atomic_write_text, save_figure
-
-    def cell(v: Any) -> str:
-        return "" if v is None else f"{v:.6g}"
-
-    lines = ["step,train_loss,val_loss"] + [f"{r['step']},{cell(r['train_loss'])},{cell(r['val_loss'])}" for r in rows]
-    atomic_write_text(Path(csv_path), "\n".join(lines) + "\n")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        points = [(r["step"], r[key]) for r in rows if r[key] is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, markersize=3, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, Path(png_path), dpi=100)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from tasks.core.io import read_jsonl
+
 log = logging.getLogger(__name__)
 
 METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
@@ -233,8 +235,6 @@ def compare_prediction_files(
     Raises:
         ValueError: the metric is unknown, or the files share no id (they were scored on different test sets).
     """
-    from tasks.io import read_jsonl
-
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     a = {r["id"]: r[metric] for r in read_jsonl(path_a)}

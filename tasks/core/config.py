@@ -1,0 +1,763 @@
+"""Typed parameters: one pydantic model per `params.yaml` section, loaded once and validated.
+
+Every section forbids unknown keys, so a misspelt key fails with its name and section. Defaults
+live here and nowhere else; stage code reads `params.<section>.<field>` and never guesses.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tasks.core.errors import SftflowError
+from tasks.core.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from tasks.core.layout import Layout
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+# What generation reads (`tasks.core.generation.GenerationSettings.of`): declared by every stage that generates.
+GENERATION_KEYS = (
+    "data.prompt_template",
+    "data.use_chat_template",
+    "evaluate.max_new_tokens",
+    "evaluate.batch_size",
+    "train.max_source_length",
+)
+# What scoring generations reads (`tasks.core.evaluation.Evaluator.of`): language, bootstrap, the cache.
+SCORING_KEYS = ("data.language", "evaluate.bootstrap_samples", "evaluate.seed", "evaluate.cache_dir")
+
+
+class ParamsError(SftflowError, ValueError):
+    """Raised when params.yaml or a `-S key=value` override is invalid; the message names each key."""
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys fail, assignments are validated too.
+
+    The section of a stage also says, beside its keys, what the stage is (`tasks.core.stages` builds
+    the one stage list from these, in the order of `Params`' fields):
+
+    - `stage_help`: one line for `sftflow --help`;
+    - `stage_reads`: the params sections (`train`) and keys (`data.language`) the stage's code may
+      read; dvc.yaml's `params:` for the stage list exactly these (a test checks);
+    - `stage_dvc`: whether it is a dvc.yaml stage (files in, files out) or talks to MLflow / serves.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    stage_dvc: ClassVar[bool] = True
+
+
+class DataConfig(Section):
+    """The raw data set and the task it poses: which file, which columns, which language, which prompt."""
+
+    path: Path = Field(
+        default=Path("data/sample/zh_summ.jsonl"),
+        description="The raw data file `validate` reads: JSON Lines, CSV or Parquet, one record per row.",
+    )
+    format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
+        default="auto",
+        description="How to read `data.path`; `auto` goes by its suffix (.jsonl/.ndjson/.json, .csv, .parquet/.pq).",
+    )
+    text_column: str = Field(
+        default="text",
+        description="Column holding the source text. A file without it and `summary_column` but with alpaca "
+        "columns is read as text = instruction + input, summary = output.",
+    )
+    summary_column: str = Field(default="summary", description="Column holding the reference summary the model learns to write.")
+    id_column: str | None = Field(
+        default="id",
+        description="Column of row ids, unique among kept rows; null (or a column the file lacks, with a warning) "
+        "uses line/row numbers instead.",
+    )
+    language: Literal["zh", "en"] = Field(
+        default="zh",
+        description="Language of the texts: `zh` scores jieba words and checks the CJK share of a text; `en` scores "
+        "NLTK word tokens and checks the ASCII-word share. The lead-k baseline takes characters (zh) or words (en).",
+    )
+    prompt_template: str = Field(
+        default="为下面的论文摘要拟一个标题。\n摘要：{text}\n标题：",
+        description="The model's input, with `{text}` replaced by the source text; the summary follows it directly. "
+        "Used alike in pretraining's vocabulary, training, evaluation and serving.",
+    )
+    use_chat_template: bool = Field(
+        default=True,
+        description="Wrap the prompt in the tokenizer's chat template when it has one (the scratch tokenizer has none).",
+    )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_text(cls, v: str) -> str:
+        if "{text}" not in v:
+            raise ValueError("prompt_template must contain the placeholder {text}")
+        return v
+
+
+class PathsConfig(Section):
+    """Where stages write. Stage `s` writes under `artifacts/s/`, its metrics to `metrics/s.json`."""
+
+    artifacts: Path = Field(
+        default=Path("artifacts"), description="Root of the stage outputs: stage `s` writes under `<artifacts>/s/`."
+    )
+    metrics: Path = Field(default=Path("metrics"), description="Folder of the DVC metrics files: `<metrics>/<stage>.json`.")
+    plots: Path = Field(default=Path("plots"), description="Folder of the DVC plots: `<plots>/<stage>/`.")
+
+
+class ModelConfig(Section):
+    """The base model: `scratch` (built and pretrained here) or a local directory / hub id.
+
+    The keys from `architecture` on shape the scratch decoder (Qwen2 or Llama architecture) and its
+    tokenizer; a real base model ignores them.
+    """
+
+    base: str = Field(
+        default="scratch",
+        description="`scratch` (a tokenizer and a small decoder built from the keys below, then pretrained), a local "
+        "Hugging Face model folder, or a hub id (needs network or a filled HF cache). When `select` ran, its choice wins.",
+    )
+    candidates: list[str] = Field(
+        default_factory=list,
+        description="Bases `select` scores on validation rows, keeping the best by `select.metric`; "
+        "empty means just `base`, and a single entry passes through unscored.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Let transformers run the model code a hub model ships; only for bases whose code you trust.",
+    )
+    architecture: Literal["qwen2", "llama"] = Field(
+        default="qwen2", description="Scratch decoder architecture (the transformers Qwen2 or Llama config)."
+    )
+    tokenizer: Literal["char", "bpe"] = Field(
+        default="char",
+        description="Scratch tokenizer, trained on the train split: `char` (one token per character, compact for "
+        "Chinese) or `bpe` (byte-level BPE, for English or mixed text).",
+    )
+    vocab_size: int = Field(
+        default=6000, gt=16, description="Most tokens of the scratch tokenizer, its 4 special tokens included."
+    )
+    hidden_size: int = Field(
+        default=192, gt=0, description="Width of the scratch decoder; must be divisible by `model.num_heads`."
+    )
+    num_layers: int = Field(default=4, gt=0, description="Decoder layers of the scratch model.")
+    num_heads: int = Field(
+        default=4, gt=0, description="Attention heads of the scratch decoder; must be divisible by `model.num_kv_heads`."
+    )
+    num_kv_heads: int = Field(
+        default=2, gt=0, description="Key/value heads of the scratch decoder (grouped-query attention)."
+    )
+    intermediate_size: int = Field(default=512, gt=0, description="MLP width of the scratch decoder.")
+    max_position_embeddings: int = Field(
+        default=512,
+        gt=0,
+        description="Context length of the scratch decoder in tokens: prompt plus new tokens must fit, and "
+        "pretraining blocks are capped at it.",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads ({self.num_kv_heads})"
+            )
+        return self
+
+    @property
+    def candidate_list(self) -> list[str]:
+        """The bases to choose among: `candidates`, or just `base` when none are listed."""
+        return list(self.candidates) or [self.base]
+
+
+class ValidateConfig(Section):
+    """Great Expectations suite and row filters for the raw data.
+
+    A row that fails a row check (empty, length, summary not shorter than its text, repeat,
+    language) is dropped and counted per reason; the stage fails when too many are dropped or a
+    table check fails.
+    """
+
+    stage_help: ClassVar[str] = 'check the raw data with Great Expectations; write the clean data and a report'
+    stage_reads: ClassVar[tuple[str, ...]] = ("data.path", "data.format", "data.text_column", "data.summary_column", "data.id_column", "data.language", "validate")
+
+    unicode_form: Literal["NFC", "NFKC", "none"] = Field(
+        default="NFC",
+        description="Unicode normalisation of texts and summaries before the checks; invisible characters are "
+        "removed and whitespace collapsed in every case.",
+    )
+    min_text_chars: int = Field(
+        default=20, ge=1, description="Shortest text kept, in characters after normalisation; shorter rows are dropped."
+    )
+    max_text_chars: int = Field(
+        default=2000, ge=1, description="Longest text kept, in characters; longer rows are dropped."
+    )
+    min_summary_chars: int = Field(
+        default=2, ge=1, description="Shortest summary kept, in characters; shorter rows are dropped."
+    )
+    max_summary_chars: int = Field(
+        default=200, ge=1, description="Longest summary kept, in characters; longer rows are dropped."
+    )
+    max_duplicate_share: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Largest share of rows whose text repeats an earlier row's; repeats are dropped (the first "
+        "is kept), and more than this fails the suite.",
+    )
+    min_language_share: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="Smallest share of rows in `data.language`; other rows are dropped, and fewer than this fails the suite.",
+    )
+    min_cjk_ratio: float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        description="zh: smallest share of CJK ideographs among a text's non-space characters for it to count as Chinese.",
+    )
+    min_ascii_word_ratio: float = Field(
+        default=0.8,
+        ge=0,
+        le=1,
+        description="en: smallest share of a text's letter runs that are ASCII words for it to count as English.",
+    )
+    max_dropped_share: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Largest share of rows the row checks may drop before the stage fails.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateConfig:
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError("validate.min_text_chars must not exceed validate.max_text_chars")
+        if self.min_summary_chars > self.max_summary_chars:
+            raise ValueError("validate.min_summary_chars must not exceed validate.max_summary_chars")
+        return self
+
+
+class SplitConfig(Section):
+    """Content-hash split into train/val/test.
+
+    A row's split depends only on its text and the salt, so a row keeps its split as the data grows;
+    near-duplicate texts are kept in one split.
+    """
+
+    stage_help: ClassVar[str] = "split the clean data into train/val/test by a hash of each row's content"
+    stage_reads: ClassVar[tuple[str, ...]] = ("split",)
+
+    train: float = Field(
+        default=0.8, gt=0, lt=1, description="Share of rows in the train split; train + val + test must sum to 1."
+    )
+    val: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Share of rows in the val split (training's validation loss, `select`, the lead-k baseline's k).",
+    )
+    test: float = Field(
+        default=0.1, gt=0, lt=1, description="Share of rows in the test split (`evaluate`, `quantize`, `promote`)."
+    )
+    salt: str = Field(
+        default="sftflow-v1", description="Mixed into each text's hash; another salt reshuffles every row."
+    )
+    near_duplicate_threshold: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="Character 5-gram Jaccard similarity from which two texts are near-duplicates: they go to one "
+        "split, and the stage fails if such a pair still crosses splits.",
+    )
+
+    @model_validator(mode="after")
+    def _ratios_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"split.train + split.val + split.test must sum to 1, got {total:g}"
+            )
+        return self
+
+
+class SelectConfig(Section):
+    """Score candidate bases on validation rows and keep the best."""
+
+    stage_help: ClassVar[str] = 'score candidate base models on validation rows and pick the best'
+    stage_reads: ClassVar[tuple[str, ...]] = ("model", "select", "pretrain.seed", "train.max_target_length", *GENERATION_KEYS, *SCORING_KEYS)
+
+    rows: int = Field(default=64, gt=0, description="First N val rows each candidate is scored on.")
+    metric: Literal["loss", "rouge-l"] = Field(
+        default="loss",
+        description="loss: summary loss per character (lower wins; fair across tokenizers); rouge-l: zero-shot ROUGE-L.",
+    )
+
+
+class PretrainConfig(Section):
+    """Causal-LM pretraining on the training texts and summaries, packed into blocks (always on for a scratch base)."""
+
+    stage_help: ClassVar[str] = 'build the scratch base (tokenizer + decoder) or load a base; pretrain it on the corpus'
+    stage_reads: ClassVar[tuple[str, ...]] = ("model", "pretrain", "data.prompt_template")
+
+    enabled: bool = Field(
+        default=True,
+        description="Pretrain the base on the corpus. Must be true for a scratch base (a random decoder is no base); "
+        "false passes a real base through unchanged.",
+    )
+    epochs: float = Field(default=4.0, gt=0, description="Passes over the packed training corpus.")
+    max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
+    learning_rate: float = Field(
+        default=3e-3, gt=0, description="Peak learning rate of the cosine schedule (weight decay 0.01)."
+    )
+    batch_size: int = Field(default=16, gt=0, description="Blocks per step (and per validation batch).")
+    block_size: int = Field(
+        default=256,
+        gt=0,
+        description="Tokens per packed block (documents joined by eos); capped at the model's context length.",
+    )
+    warmup_ratio: float = Field(
+        default=0.05, ge=0, lt=1, description="Share of the steps over which the learning rate warms up from 0."
+    )
+    logging_steps: int = Field(
+        default=10, gt=0, description="Log the training loss every N steps (`plots/pretrain/loss.csv`)."
+    )
+    seed: int = Field(
+        default=42,
+        description="Seeds the scratch model's initialisation and the data order (`select` builds its scratch "
+        "candidate with it too).",
+    )
+
+
+class LoraConfig(Section):
+    """PEFT LoRA adapter settings (used when train.method is lora)."""
+
+    r: int = Field(default=16, gt=0, description="Rank of the LoRA update matrices.")
+    alpha: int = Field(default=32, gt=0, description="LoRA scaling: the update is multiplied by alpha / r.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Short names of the Linear layers that get an adapter, checked against the model; "
+        "`[all-linear]` means every Linear layer but the output head.",
+    )
+
+
+class TrainConfig(Section):
+    """Supervised fine-tuning through the HF Trainer and DeepSpeed; only summary tokens (and eos) carry loss."""
+
+    stage_help: ClassVar[str] = 'supervised fine-tuning (LoRA or full) through the HF Trainer and DeepSpeed'
+    stage_reads: ClassVar[tuple[str, ...]] = ("train", "data.prompt_template", "data.use_chat_template", "model.trust_remote_code")
+
+    method: Literal["lora", "full"] = Field(
+        default="full",
+        description="`full` trains every weight; `lora` trains an adapter (`train.lora`) and merges it into the saved model.",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The LoRA adapter, used when `train.method` is lora.")
+    deepspeed_config: Path | None = Field(
+        default=Path("configs/deepspeed/zero2.json"),
+        description="DeepSpeed JSON config (configs/deepspeed/zero{0,2,3}.json); null trains without DeepSpeed.",
+    )
+    num_processes: int = Field(
+        default=1,
+        gt=0,
+        description="Training processes on this machine; > 1 relaunches the stage as torchrun ranks "
+        "(at most one per GPU, or per core on CPU).",
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, description="Threads per rank; 0 = OMP_NUM_THREADS when set, else cores / ranks."
+    )
+    epochs: float = Field(default=2.0, gt=0, description="Passes over the train split.")
+    max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
+    learning_rate: float = Field(
+        default=2e-3, gt=0, description="Peak learning rate of the cosine schedule (weight decay 0.01)."
+    )
+    batch_size: int = Field(
+        default=16, gt=0, description="Examples per rank per step (also the validation batch)."
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1,
+        gt=0,
+        description="Batches summed into one optimizer step: the global batch is batch_size x this x ranks.",
+    )
+    max_source_length: int = Field(
+        default=256,
+        gt=0,
+        description="Most prompt tokens; a longer text is cut (instruction and answer cue kept), in training and "
+        "in generation alike. Cuts are counted in metrics/train.json.",
+    )
+    max_target_length: int = Field(
+        default=48,
+        gt=0,
+        description="Most summary tokens in training, eos included; a longer summary is cut (and then has no eos).",
+    )
+    group_by_length: bool = Field(
+        default=True, description="Batch examples of similar length together (less padding) instead of a random order."
+    )
+    warmup_ratio: float = Field(
+        default=0.05, ge=0, lt=1, description="Share of the steps over which the learning rate warms up from 0."
+    )
+    save_steps: int = Field(
+        default=50,
+        gt=0,
+        description="Checkpoint every N steps; a rerun with the same params, data and base resumes from the newest "
+        "complete checkpoint.",
+    )
+    keep_checkpoints: int = Field(default=2, gt=0, description="Newest checkpoints kept (2: one survives a kill mid-save).")
+    eval_steps: int = Field(
+        default=50, gt=0, description="Compute the validation loss every N steps (`plots/train/loss.csv`)."
+    )
+    logging_steps: int = Field(default=1, gt=0, description="Log the training loss every N steps.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto = bf16 on a GPU that supports it, else fp32."
+    )
+    seed: int = Field(default=42, description="Seeds the data order, dropout and the LoRA initialisation.")
+
+
+class EvaluateConfig(Section):
+    """Greedy generation on the test split and ROUGE / BLEU scoring.
+
+    The fine-tuned model is scored beside the pretrained base and a copy-the-lead baseline.
+    `max_new_tokens` and `batch_size` hold for every stage that generates; `bootstrap_samples`,
+    `seed` and `cache_dir` for `select` too.
+    """
+
+    stage_help: ClassVar[str] = 'generate summaries for the test split; score ROUGE/BLEU with bootstrap intervals'
+    stage_reads: ClassVar[tuple[str, ...]] = ("evaluate", "model.trust_remote_code", *GENERATION_KEYS, *SCORING_KEYS)
+
+    max_new_tokens: int = Field(
+        default=48,
+        gt=0,
+        description="Generation stops at eos or after this many new tokens (every stage that generates, and the "
+        "registered model). It also bounds rouge-chinese's LCS, which is quadratic in length.",
+    )
+    batch_size: int = Field(
+        default=32,
+        gt=0,
+        description="Prompts per generation batch (batched and one-by-one generation give the same text).",
+    )
+    rows: int = Field(default=0, ge=0, description="Score only the first N test rows; 0 = all.")
+    bootstrap_samples: int = Field(
+        default=1000, gt=0, description="Resamples of the rows for each 95% bootstrap interval and paired gain."
+    )
+    seed: int = Field(default=42, description="Seeds the bootstrap resampling, so intervals are reproducible.")
+    baseline_max_k: int = Field(
+        default=60,
+        gt=0,
+        description="Largest k tried for the lead-k baseline (the first k characters, or words for en; k is chosen "
+        "on the val split).",
+    )
+    score_base: bool = Field(
+        default=True,
+        description="Also score the pretrained base (`artifacts/pretrain/model`), to report the fine-tuning gain.",
+    )
+    cache_dir: Path = Field(
+        default=Path(".cache/sftflow/generations"),
+        description="Generations keyed by (model hash, rows hash, generation params); outside DVC outs.",
+    )
+
+
+class QuantizeConfig(Section):
+    """Quantized variants for cheap serving and the quality gate.
+
+    Each variant is measured against the full-precision model on the same test rows: size, latency
+    and ROUGE-L.
+    """
+
+    stage_help: ClassVar[str] = 'quantize the fine-tuned model; measure size, latency and ROUGE-L against full precision'
+    stage_reads: ClassVar[tuple[str, ...]] = ("quantize", "model.trust_remote_code", "data.language", *GENERATION_KEYS)
+
+    methods: list[Literal["int8", "bnb-int8", "bnb-nf4"]] = Field(
+        default_factory=lambda: ["int8"],
+        description="Variants to build: `int8` (CPU, PyTorch dynamic int8), `bnb-int8` / `bnb-nf4` (bitsandbytes, "
+        "need CUDA); `register` registers each beside the full model.",
+    )
+    max_drop: float = Field(
+        default=1.0,
+        ge=0,
+        description="Largest ROUGE-L drop (points) allowed against full precision; `promote` refuses a challenger "
+        "whose variant loses more.",
+    )
+    rows: int = Field(default=0, ge=0, description="Measure on the first N test rows; 0 = all.")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"quantize.methods lists a method twice: {v}")
+        return v
+
+
+class RegisterConfig(Section):
+    """MLflow experiment and registered model name."""
+
+    stage_help: ClassVar[str] = 'log the fine-tuned model to MLflow and register a new version with lineage tags'
+    stage_reads: ClassVar[tuple[str, ...]] = ("register", "data.path", "data.language", "model.base", "quantize.methods", *GENERATION_KEYS)
+    stage_dvc: ClassVar[bool] = False
+
+    experiment: str = Field(
+        default="sftflow", description="MLflow experiment that runs are logged to; created when missing."
+    )
+    model_name: str = Field(
+        default="sftflow-summarizer",
+        description="Registered model name (promote and serve use it too); a quantized variant registers as "
+        "`<model_name>-<method>`.",
+    )
+
+
+class PromoteConfig(Section):
+    """When a challenger replaces the champion.
+
+    The newest version becomes champion when its mean ROUGE-L beats the champion's by `min_delta`,
+    the 95% lower bound of the paired bootstrap of the gain is above 0, and each of its quantized
+    variants passes `quantize.max_drop`.
+    """
+
+    stage_help: ClassVar[str] = 'promote the newest challenger if it passes the gate, or force --version'
+    stage_reads: ClassVar[tuple[str, ...]] = ("promote", "register.model_name", "register.experiment", "quantize.max_drop", "evaluate.rows", "data.language")
+    stage_dvc: ClassVar[bool] = False
+
+    min_delta: float = Field(default=0.0, ge=0, description="ROUGE-L points the challenger must gain.")
+    bootstrap_samples: int = Field(
+        default=1000, gt=0, description="Resamples in the paired bootstrap of challenger minus champion, row by row."
+    )
+    seed: int = Field(default=42, description="Seeds that bootstrap, so a decision is reproducible.")
+
+
+class ServeConfig(Section):
+    """The Gradio app serving `models:/<register.model_name>@champion`."""
+
+    stage_help: ClassVar[str] = 'serve the champion in a Gradio app'
+    stage_reads: ClassVar[tuple[str, ...]] = ("serve", "register.model_name", "register.experiment")
+    stage_dvc: ClassVar[bool] = False
+
+    host: str = Field(
+        default="127.0.0.1", description="Bind address; 127.0.0.1 serves only this machine (`--host` overrides)."
+    )
+    port: int = Field(default=7860, gt=0, lt=65536, description="Port of the app (`--port` overrides).")
+    poll_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often the app checks whether the champion alias moved; a new champion is loaded, then swapped in.",
+    )
+    max_chars: int = Field(default=2000, gt=0, description="Longest input text the app accepts, in characters.")
+    concurrency_limit: int = Field(default=2, gt=0, description="Requests generating at once; the others queue.")
+    variant_cpu: Literal["full", "int8"] = Field(
+        default="int8",
+        description="Variant served without a GPU; when the version has no such variant, full precision is served.",
+    )
+    variant_gpu: Literal["full", "bf16", "bnb-nf4", "bnb-int8"] = Field(
+        default="bf16",
+        description="Variant served on a GPU: `bf16` is the full model cast on load; a missing bnb variant falls "
+        "back to full precision.",
+    )
+
+
+# Sections carry the stage names used everywhere. `validate` and `register` shadow pydantic's
+# deprecated `BaseModel.validate` and ABCMeta's `register`, which nothing here calls: silence that.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "(validate|register)"', category=UserWarning)
+
+    class Params(Section):
+        """The whole params.yaml."""
+
+        data: DataConfig = Field(
+            default_factory=DataConfig,
+            description="The raw data set and the task it poses: file, columns, language and prompt.",
+        )
+        paths: PathsConfig = Field(
+            default_factory=PathsConfig,
+            description="Where stages write: stage `s` under `artifacts/s/`, its metrics to `metrics/s.json`, "
+            "its plots under `plots/s/`.",
+        )
+        model: ModelConfig = Field(
+            default_factory=ModelConfig,
+            description="The base model: `scratch` (built and pretrained here) or a local directory / hub id.",
+        )
+        validate: ValidateConfig = Field(  # type: ignore[assignment]
+            default_factory=ValidateConfig,
+            description="Great Expectations suite and row filters for the raw data.",
+        )
+        split: SplitConfig = Field(
+            default_factory=SplitConfig,
+            description="Content-hash split into train/val/test.",
+        )
+        select: SelectConfig = Field(
+            default_factory=SelectConfig,
+            description="Score candidate bases (`model.candidates`) on validation rows and keep the best.",
+        )
+        pretrain: PretrainConfig = Field(
+            default_factory=PretrainConfig,
+            description="Causal-LM pretraining of the base on the training texts and summaries.",
+        )
+        train: TrainConfig = Field(
+            default_factory=TrainConfig,
+            description="Supervised fine-tuning (full or LoRA) through the HF Trainer and DeepSpeed.",
+        )
+        evaluate: EvaluateConfig = Field(
+            default_factory=EvaluateConfig,
+            description="Greedy generation on the test split and ROUGE / BLEU scoring.",
+        )
+        quantize: QuantizeConfig = Field(
+            default_factory=QuantizeConfig,
+            description="Quantized variants for cheap serving, and their quality gate.",
+        )
+        register: RegisterConfig = Field(
+            default_factory=RegisterConfig,
+            description="MLflow experiment and registered model name.",
+        )
+        promote: PromoteConfig = Field(
+            default_factory=PromoteConfig,
+            description="When a challenger replaces the champion.",
+        )
+        serve: ServeConfig = Field(
+            default_factory=ServeConfig,
+            description="The Gradio app that serves the champion.",
+        )
+
+        model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+        @property
+        def layout(self) -> Layout:
+            """Where every stage's files are (`tasks.core.layout`)."""
+            from tasks.core.layout import Layout  # deferred: layout reads the stage list, built from these classes
+
+            return Layout.of(self.paths)
+
+        def to_dict(self) -> dict[str, Any]:
+            """Plain, JSON-safe dict with section names as in params.yaml."""
+            return json.loads(self.model_dump_json())
+
+        def flat(self) -> dict[str, Any]:
+            """`section.key` -> value, for MLflow params."""
+            out: dict[str, Any] = {}
+
+            def walk(prefix: str, value: Any) -> None:
+                if isinstance(value, dict):
+                    for k, v in value.items():
+                        walk(f"{prefix}.{k}" if prefix else k, v)
+                else:
+                    out[prefix] = value
+
+            walk("", self.to_dict())
+            return out
+
+        def digest(self) -> str:
+            """sha256 of the resolved parameters (stable key order)."""
+            return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) if loc else "(root)"
+        section = loc[0] if loc else "(root)"
+        if e["type"] == "extra_forbidden":
+            lines.append(
+                f"  - unknown key `{key}` in section `{section}`: remove it or fix its spelling"
+                f" (see tasks/core/config.py for the section's keys)"
+            )
+        else:
+            lines.append(f"  - `{key}`: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse `section.key=value` (value as YAML, like `dvc exp run -S`)."""
+    if "=" not in item:
+        raise ParamsError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ParamsError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ParamsError(f"override {item!r}: value is not valid YAML: {e}") from e
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of raw params with `section.key=value` overrides applied."""
+    data = copy.deepcopy(raw)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ParamsError(f"override {item!r}: `{p}` is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_params_file(path: Path | str = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml as a dict (missing file = all defaults)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file {path} does not exist; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a dict into Params, raising ParamsError that names each bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(e, source)) from e
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    """Load params.yaml, apply `-S` overrides, validate once.
+
+    Args:
+        path: the params file.
+        overrides: `section.key=value` strings, values parsed as YAML.
+
+    Returns:
+        The validated Params.
+
+    Raises:
+        ParamsError: the file is missing or invalid, or an override names an unknown key.
+    """
+    raw = apply_overrides(read_params_file(path), overrides)
+    source = str(path) + (f" with overrides {overrides}" if overrides else "")
+    return params_from_dict(raw, source)
+
+
+def save_params(params: Params, path: Path | str) -> None:
+    """Write params as YAML (used to record the resolved params of a run)."""
+    atomic_write_text(Path(path), yaml.safe_dump(params.to_dict(), allow_unicode=True, sort_keys=False))
+
+
+def env_flag(name: str) -> bool:
+    """True when an environment variable is set to 1/true/yes."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
