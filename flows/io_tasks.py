@@ -2,7 +2,9 @@
 flow's MLflow run, register, promote and `dvc push`. Each retries (a server restart or a network
 blip should not fail a run that trained for minutes); the DVC stages never do (flows/dvc_stage.py).
 
-Registry lookups are `tasks.core.registry`'s; this module only calls them."""
+Registry lookups are `tasks.core.registry`'s; this module only calls them. The tracking server's 401
+or 403 fails the task with a StageError naming the login variables (`tasks.core.access.tracking_access`:
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), retried like any other error."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from prefect.tasks import exponential_backoff
 
 from flows.dvc_stage import _subprocess_env, _tool, run_logger, stream_command
 from tasks.core import registry
+from tasks.core.access import tracking_access
 from tasks.core.config import Params, ParamsError
 from tasks.core.errors import StageError
 from tasks.core.io import file_sha256
@@ -83,12 +86,16 @@ def check_trigger(params: Params, force: bool) -> dict[str, Any]:
 
     Returns:
         {"retrain": bool, "reason": str, "champion": version or None, "data_sha256": str or None}.
+
+    Raises:
+        StageError: the tracking server refused the request (401/403), naming the variables to set or check.
     """
     from tasks.core.tracking import setup_mlflow
 
     data_hash = raw_data_sha256(params)
-    setup_mlflow(params.register.experiment)
-    champion = registry.champion_version(params.register.model_name)
+    with tracking_access("check-trigger (reading the champion's data and params hashes)"):
+        setup_mlflow(params.register.experiment)
+        champion = registry.champion_version(params.register.model_name)
     out: dict[str, Any] = {"data_sha256": data_hash, "champion": champion.version if champion else None}
     if force:
         return {**out, "retrain": True, "reason": "forced (--force)"}
@@ -113,10 +120,11 @@ def log_to_mlflow(params: Params, run_id: str) -> None:
     """Log params, every stage's metrics/plots/reports, the resolved params.yaml and dvc.lock to the run."""
     from tasks.core.tracking import log_params, log_run_files, log_stage
 
-    log_params(params, run_id)
-    for stage in DVC_STAGES:
-        log_stage(params, stage, run_id)
-    log_run_files(params, run_id)
+    with tracking_access("log-to-mlflow"):
+        log_params(params, run_id)
+        for stage in DVC_STAGES:
+            log_stage(params, stage, run_id)
+        log_run_files(params, run_id)
 
 
 @io_task("register")
@@ -135,7 +143,7 @@ def register(params: Params, run_id: str, flow_run_id: str | None) -> dict[str, 
     # tasks.register reuses a version that already holds this content, so a retry after a
     # half-finished attempt (a variant registered, its main version not) registers nothing twice.
     try:
-        with _mlflow_run(run_id):
+        with tracking_access("register"), _mlflow_run(run_id):
             return tasks.register.run(params, flow_run_id=flow_run_id)
     except (MlflowException, requests.RequestException, OSError) as e:
         raise StageError(
@@ -150,7 +158,7 @@ def promote(params: Params, run_id: str) -> dict[str, Any]:
     """Gate the newest version to `champion` (or leave it `challenger`), inside the flow's MLflow run."""
     import tasks.promote
 
-    with _mlflow_run(run_id):
+    with tracking_access("promote"), _mlflow_run(run_id):
         return tasks.promote.run(params)
 
 

@@ -57,6 +57,22 @@ def metrics_table(params: Params) -> str:
     return "\n".join(lines)
 
 
+def outputs_table(params: Params) -> str:
+    """Markdown table of what a reader notices in the test outputs: distinct, stuttering, length."""
+    evaluate = _read_metrics(params, "evaluate")
+    rows = [("fine-tuned model", "outputs"), ("base model", "base.outputs"), ("lead-k baseline", "baseline.outputs")]
+    lines = ["| model | distinct outputs | outputs with a 3× repeat | length ÷ reference |", "|---|---:|---:|---:|"]
+    for name, key in rows:
+        stats = _lookup(evaluate, key) or {}
+        lines.append(f"| {name} | {_percent(stats.get('distinct_share'))} | {_percent(stats.get('repeat_share'))} "
+                     f"| {_fmt(stats.get('length_ratio'))} |")
+    return "\n".join(lines)
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.0f}%" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
+
+
 def summary_markdown(result: dict[str, Any], params: Params) -> str:
     """The run's markdown report: outcome, stages, metrics table, promotion decision, MLflow run."""
     lines = [f"# retrain: {result['status']}", ""]
@@ -67,6 +83,7 @@ def summary_markdown(result: dict[str, Any], params: Params) -> str:
         lines += [f"| {s['stage']} | {'ran' if s['ran'] else 'up to date'} | {s['seconds']:.1f} |" for s in result["stages"]]
         lines.append("")
     lines += ["## Test-split scores (F1 × 100)", "", metrics_table(params), ""]
+    lines += ["## What a reader notices", "", outputs_table(params), ""]
     promotion = result.get("promotion")
     if promotion:
         lines += [

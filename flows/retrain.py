@@ -40,6 +40,7 @@ from flows.io_tasks import check_trigger, log_to_mlflow, mark_failed, promote, p
 from flows.lock import _chdir, _project_lock
 from flows.report import finish, next_steps
 from tasks.core import registry
+from tasks.core.access import prefect_access, tracking_access
 from tasks.core.config import DEFAULT_PARAMS_FILE, ParamsError, load_params
 from tasks.core.errors import StageError
 from tasks.core.io import dir_sha256
@@ -91,11 +92,12 @@ def retrain(params_path: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | 
 
         from tasks.core.tracking import setup_mlflow
 
-        experiment_id = setup_mlflow(params.register.experiment)
-        client = MlflowClient()
-        run_id = client.create_run(
-            experiment_id, run_name=flow_run.name, tags={"prefect.flow_run_id": str(flow_run.id), "sftflow.trigger": trigger["reason"]}
-        ).info.run_id
+        with tracking_access("retrain (creating the flow's MLflow run)"):
+            experiment_id = setup_mlflow(params.register.experiment)
+            client = MlflowClient()
+            run_id = client.create_run(
+                experiment_id, run_name=flow_run.name, tags={"prefect.flow_run_id": str(flow_run.id), "sftflow.trigger": trigger["reason"]}
+            ).info.run_id
         result.update(mlflow_run_id=run_id, mlflow_tracking_uri=mlflow.get_tracking_uri())
         log.info("MLflow run %s at %s", run_id, result["mlflow_tracking_uri"])
         name = params.register.model_name
@@ -169,15 +171,20 @@ def main(params_path: Path | str = DEFAULT_PARAMS_FILE, overrides: list[str] | N
         0 when the flow finished (registered or nothing changed).
 
     Raises:
-        ParamsError, StageError: bad parameters, a failed stage or a temporary Prefect server that
-            did not start (the CLI prints them, exit 2 / 1).
+        ParamsError, StageError: bad parameters, a failed stage, a temporary Prefect server that
+            did not start, or a server that refused the login: the Prefect API's 401 names
+            PREFECT_API_AUTH_STRING, the tracking server's 401/403 MLFLOW_TRACKING_USERNAME /
+            MLFLOW_TRACKING_PASSWORD (the CLI prints them, exit 2 / 1).
     """
     # The temporary server's telemetry heartbeat races its own fresh sqlite file ("database is locked"
     # tracebacks in the output) and would phone home: off unless the user set it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _wait_longer_for_the_temporary_server()
     try:
-        result = retrain(params_path=str(params_path), overrides=list(overrides or []), force=force)
+        # A refused login names its variable: Prefect's (before any stage), or MLflow's (the tasks name their
+        # own step; this catches the flow's other calls).
+        with prefect_access(), tracking_access("retrain"):
+            result = retrain(params_path=str(params_path), overrides=list(overrides or []), force=force)
     except RuntimeError as e:
         if "ephemeral Prefect API server" not in str(e):
             raise

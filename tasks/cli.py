@@ -7,6 +7,7 @@
     sftflow rollback                            champion back to the previous champion
     sftflow lineage VERSION                     data → params → code → metrics of a model version
     sftflow serve   [--host H] [--port P]       the Gradio app for the champion
+    sftflow review  [--host H] [--port P]       the reviewer's Streamlit dashboard over the registry
     sftflow params  [--markdown]                every params key: type, default, description
 """
 
@@ -27,8 +28,8 @@ from tasks.core.errors import SftflowError
 from tasks.core.params_doc import REGENERATE, markdown, stage_epilog, text_table
 from tasks.core.stages import STAGES, Stage, stage
 
-# Stages that run as `sftflow <stage>` with nothing but params (promote and serve take more flags).
-PLAIN_STAGES = tuple(s for s in STAGES if s.name not in {"promote", "serve"})
+# Stages that run as `sftflow <stage>` with nothing but params (promote, serve and review take more flags).
+PLAIN_STAGES = tuple(s for s in STAGES if s.name not in {"promote", "serve", "review"})
 
 
 def _add_params_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +98,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
 
+    p = _stage_parser(sub, stage("review"))
+    _add_params_args(p)
+    p.add_argument("--host", default=None, help="bind address (default: review.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: review.port)")
+
     p = sub.add_parser(
         "params",
         help="list every params key: section.key, type, default and description",
@@ -137,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "deploy":
             from flows.deploy import deploy
 
-            _print_result(deploy(params_path=args.params, cron=args.cron, name=args.name, overrides=args.overrides, serve=args.serve))
+            from tasks.core.access import prefect_access
+
+            with prefect_access():  # a 401 names PREFECT_API_AUTH_STRING
+                _print_result(deploy(params_path=args.params, cron=args.cron, name=args.name, overrides=args.overrides, serve=args.serve))
             return 0
 
         params = load_params(args.params, args.overrides)
@@ -160,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.serve import run as serve
 
             serve(params, host=args.host, port=args.port)
+        elif args.command == "review":
+            from tasks.review import run as review
+
+            review(params, host=args.host, port=args.port)
         return 0
     except ParamsError as e:
         print(f"sftflow: {e}", file=sys.stderr)

@@ -4,7 +4,9 @@ copy-the-lead baseline, with bootstrap intervals.
 Inputs: `artifacts/train/model` (fine-tuned), `artifacts/pretrain/model` (base, when
 `evaluate.score_base`), `artifacts/split/{val,test}.jsonl`. Outputs under `artifacts/evaluate/`:
 `predictions.jsonl` (id, text, reference, prediction and the row's scores), `base_predictions.jsonl`,
-`baseline_predictions.jsonl`; `metrics/evaluate.json`; `plots/evaluate/metrics.png`.
+`baseline_predictions.jsonl`, `decoding.json` (the repetition controls used: the params', or with
+`evaluate.tune_decoding` the best of `tasks.core.decoding.DECODING_GRID` on the val rows; quantize and
+register use the same); `metrics/evaluate.json` (with `decoding`); `plots/evaluate/metrics.png`.
 
 Generation and scoring go through `tasks.core.evaluation.Evaluator` (cached by model content), the
 path every stage that scores a model shares.
@@ -15,15 +17,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tasks.core.data import read_split
+from tasks.core.decoding import choose_decoding, decoding_file, write_decoding
 from tasks.core.errors import StageError
 from tasks.core.evaluation import Evaluator
 from tasks.core.io import dir_sha256, file_sha256, write_json, write_jsonl
 from tasks.core.plots import save_figure
-from tasks.core.scoring import METRICS, paired_bootstrap, score_row
+from tasks.core.scoring import METRICS, output_stats, paired_bootstrap, score_row
 from tasks.core.stage_params import StageParams, stage_entry
 
 log = logging.getLogger(__name__)
@@ -97,9 +101,19 @@ def run(cfg: StageParams) -> dict[str, Any]:
     )
     out_dir = layout.stage_dir("evaluate")
     evaluator = Evaluator.of(cfg)
+    model_sha = dir_sha256(model_dir)
+
+    # The repetition controls: the params', or the best of the grid on val rows (test is not read).
+    start, tuned, grid = evaluator.generation, cfg.evaluate.tune_decoding, []
+    tune_rows = val_rows[: cfg.evaluate.tune_rows] if cfg.evaluate.tune_rows else val_rows
+    if tuned:
+        chosen, grid = choose_decoding(evaluator, model_dir, tune_rows, language, model_sha256=model_sha)
+        evaluator = replace(evaluator, generation=replace(start, **chosen))
+        log.info("decoding chosen on %d val rows: %s", len(tune_rows), chosen)
+    decoding = write_decoding(decoding_file(layout), evaluator.generation, start, model_sha,
+                              tuned=tuned, val_rows=len(tune_rows) if tuned else 0, grid=grid)
     log.info("evaluating %s on %d test rows of %s", model_dir, len(test_rows), layout.split("test"))
 
-    model_sha = dir_sha256(model_dir)
     predictions, scores = evaluator.evaluate(model_dir, test_rows, model_sha256=model_sha)
     write_jsonl(out_dir / "predictions.jsonl", _prediction_rows(test_rows, predictions, scores))
     metrics: dict[str, Any] = _summary(scores)
@@ -107,13 +121,16 @@ def run(cfg: StageParams) -> dict[str, Any]:
     metrics["test_rows"] = len(test_rows)
     metrics["test_sha256"] = file_sha256(layout.split("test"))
     metrics["model_sha256"] = model_sha
+    references = [r["summary"] for r in test_rows]
+    metrics["outputs"] = output_stats(predictions, references, language)
+    metrics["decoding"] = {k: v for k, v in decoding.items() if k not in {"model_sha256", "params"}}
 
     k, val_rouge_l = choose_lead_k(val_rows, cfg.evaluate.baseline_max_k, language)
     lead_predictions = [lead(r["text"], k, language) for r in test_rows]
-    baseline = evaluator.score(lead_predictions, [r["summary"] for r in test_rows])
+    baseline = evaluator.score(lead_predictions, references)
     write_jsonl(out_dir / "baseline_predictions.jsonl", _prediction_rows(test_rows, lead_predictions, baseline))
     log.info("lead-%d baseline (k chosen on %d val rows, val ROUGE-L %.2f)", k, len(val_rows), val_rouge_l)
-    metrics["baseline"] = {**_summary(baseline), "k": k}
+    metrics["baseline"] = {**_summary(baseline), "k": k, "outputs": output_stats(lead_predictions, references, language)}
     metrics["baseline"].pop("rows")
     metrics["gain_over_baseline"] = _gain(scores, baseline, evaluator)
 
@@ -122,7 +139,8 @@ def run(cfg: StageParams) -> dict[str, Any]:
         base_sha = dir_sha256(base_dir)
         base_predictions, base_scores = evaluator.evaluate(base_dir, test_rows, model_sha256=base_sha)
         write_jsonl(out_dir / "base_predictions.jsonl", _prediction_rows(test_rows, base_predictions, base_scores))
-        metrics["base"] = {**_summary(base_scores), "model_sha256": base_sha}
+        metrics["base"] = {**_summary(base_scores), "model_sha256": base_sha,
+                           "outputs": output_stats(base_predictions, references, language)}
         metrics["base"].pop("rows")
         metrics["gain_over_base"] = _gain(scores, base_scores, evaluator)
         systems = {"model": scores, "base": base_scores, "baseline": baseline}
@@ -130,10 +148,11 @@ def run(cfg: StageParams) -> dict[str, Any]:
     write_json(layout.metrics_file("evaluate"), metrics)
     plot_metrics(systems, layout.plots_dir("evaluate") / "metrics.png", len(test_rows))
     log.info(
-        "ROUGE-L %.2f [%.2f, %.2f]%s; lead-%d baseline %.2f; %d empty predictions",
+        "ROUGE-L %.2f [%.2f, %.2f]%s; lead-%d baseline %.2f; %d empty predictions; %.0f%% distinct, %.0f%% stutter",
         metrics["rouge-l"], metrics["rouge-l_low"], metrics["rouge-l_high"],
         f"; base {metrics['base']['rouge-l']:.2f}" if "base" in metrics else "",
         k, baseline["rouge-l"], metrics["empty_predictions"],
+        100 * metrics["outputs"]["distinct_share"], 100 * metrics["outputs"]["repeat_share"],
     )
     return metrics
 

@@ -3,11 +3,14 @@
 The base is `artifacts/select/choice.json`'s `base` when the select stage ran, else `model.base`:
 
 - `scratch`: a tokenizer is trained on the training split (`model.tokenizer`: char or bpe), a small
-  decoder is built from `model:` sizes, and it is pretrained on the training texts and summaries,
-  packed into `pretrain.block_size` token blocks. A random decoder is useless as a base, so a scratch
-  base with `pretrain.enabled: false` is an error rather than a silent skip.
-- a local directory or hub id: loaded as is; pretraining continues on the corpus only when
-  `pretrain.enabled` is true.
+  decoder is built from `model:` sizes, and it is pretrained on the corpus (the training texts and
+  summaries, plus the files of `pretrain.corpus`), packed into `pretrain.block_size` token blocks. A
+  random decoder is useless as a base, so a scratch base with `pretrain.enabled: false` is an error
+  rather than a silent skip.
+- a local directory or hub id: passed through unchanged (`pretrain.enabled: auto` or false: its own
+  weights and dtype). Only `pretrain.enabled: true` continues its pretraining on the corpus, at
+  `pretrain.continued_learning_rate`, through a LoRA adapter merged afterwards when `train.method` is
+  lora (the same `train.lora` targets), or of every weight when it is full, which the log says.
 
 Writes `artifacts/pretrain/model/` (a Hugging Face folder), `metrics/pretrain.json` and the loss log
 `plots/pretrain/loss.csv` (+ `loss.png`).
@@ -15,25 +18,30 @@ Writes `artifacts/pretrain/model/` (a Hugging Face folder), `metrics/pretrain.js
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
+from tasks.core.config import ParamsError
 from tasks.core.data import read_split
 from tasks.core.errors import StageError
-from tasks.core.io import configure_threads, read_json, set_seed, write_json
+from tasks.core.io import configure_threads, file_sha256, read_json, set_seed, write_json
 from tasks.core.launch import threads_per_rank
-from tasks.core.modeling import count_parameters, load_model_and_tokenizer, save_model, scratch_base
+from tasks.core.modeling import count_parameters, load_model_and_tokenizer, save_model, scratch_base, with_lora
 from tasks.core.plots import write_loss_curve
 from tasks.core.prompt import collate_features
 from tasks.core.stage_params import StageParams, stage_entry
-from tasks.core.training import loss_rows, peak_rss_mb, training_arguments
+from tasks.core.training import loss_rows, peak_rss_mb, training_arguments, use_deterministic_algorithms
 
 log = logging.getLogger(__name__)
 
 STAGE = "pretrain"
+SCRATCH = "scratch"
 
 
 def chosen_base(params: StageParams) -> tuple[str, str]:
@@ -45,6 +53,60 @@ def chosen_base(params: StageParams) -> tuple[str, str]:
             raise StageError(f"{choice_file} has no `base` key; rerun `sftflow select` or delete the file")
         return str(choice["base"]), str(choice_file)
     return params.model.base, "model.base"
+
+
+def pretraining(params: StageParams, base: str) -> str | None:
+    """How the base is pretrained: `scratch`, continued through `lora`, continued on every weight (`full`),
+    or None (passed through). `pretrain.enabled: auto` pretrains a scratch base and nothing else.
+
+    Raises:
+        StageError: a scratch base with `pretrain.enabled: false`.
+        ParamsError: `pretrain.corpus` is set but the base is not pretrained.
+    """
+    enabled = params.pretrain.enabled
+    if base == SCRATCH:
+        if enabled is False:
+            raise StageError(
+                "pretrain.enabled is false but the base is `scratch`: a randomly initialised decoder is no base "
+                "to fine-tune. Set pretrain.enabled: auto (or true), or set model.base to a model directory or hub id"
+            )
+        return SCRATCH
+    if enabled is not True:
+        if params.pretrain.corpus:
+            raise ParamsError(
+                f"pretrain.corpus lists {len(params.pretrain.corpus)} file(s), but pretrain.enabled is "
+                f"{enabled} and the base ({base}) is not scratch, so nothing would read them: set "
+                "pretrain.enabled: true for continued pretraining, or remove pretrain.corpus"
+            )
+        return None
+    return params.train.method
+
+
+def corpus_documents(paths: list[Path]) -> list[str]:
+    """The documents of the unlabelled corpus files: a `.jsonl` file's `text` fields, a plain file's
+    paragraphs (split at blank lines).
+
+    Raises:
+        ParamsError: files that do not exist (all named at once), or a `.jsonl` line without `text`.
+    """
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ParamsError(
+            f"pretrain.corpus: {', '.join(missing)} does not exist (from {Path.cwd()}); fix the path or remove it"
+        )
+    documents: list[str] = []
+    for path in map(Path, paths):
+        if path.suffix in {".jsonl", ".ndjson"}:
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ParamsError(f"pretrain.corpus: {path} line {n} has no string `text` field")
+                documents.append(record["text"])
+        else:
+            documents.extend(d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if d.strip())
+    return documents
 
 
 def pack_blocks(tokenizer: Any, documents: list[str], block_size: int) -> list[list[int]]:
@@ -84,7 +146,8 @@ def run(params: StageParams) -> dict[str, Any]:
     """Build or load the base, pretrain it on the training split, save it as a HF folder.
 
     Args:
-        params: the stage's slice: `model`, `pretrain`, `data.prompt_template`.
+        params: the stage's slice: `model`, `pretrain`, `data.prompt_template`, `train.method` and
+            `train.lora` (how a real base's continued pretraining trains).
 
     Returns:
         The metrics written to `metrics/pretrain.json`.
@@ -92,25 +155,24 @@ def run(params: StageParams) -> dict[str, Any]:
     Raises:
         StageError: the split is missing, the base cannot be loaded, or a scratch base would go
             unpretrained (`pretrain.enabled: false`).
+        ParamsError: a `pretrain.corpus` file is missing, or corpus files with no pretraining to read them.
     """
     cfg = params.pretrain
     base, base_source = chosen_base(params)
-    if base == "scratch" and not cfg.enabled:
-        raise StageError(
-            "pretrain.enabled is false but the base is `scratch`: a randomly initialised decoder is no base "
-            "to fine-tune. Set pretrain.enabled: true, or set model.base to a model directory or hub id"
-        )
+    mode = pretraining(params, base)
+    corpus = corpus_documents(cfg.corpus) if mode else []
     train_rows = read_split(params.layout, "train")
     val_rows = read_split(params.layout, "val")
     threads = configure_threads(threads_per_rank(0, 1))
     set_seed(cfg.seed)
+    use_deterministic_algorithms()
 
-    if base == "scratch":
+    if base == SCRATCH:
         model, tokenizer = scratch_base(params.model, train_rows, params.data.prompt_template, cfg.seed)
     else:
         # Training wants fp32 master weights; a base passed through untouched keeps its own dtype (bf16 halves the copy).
         model, tokenizer = load_model_and_tokenizer(
-            base, trust_remote_code=params.model.trust_remote_code, dtype=None if cfg.enabled else "auto"
+            base, trust_remote_code=params.model.trust_remote_code, dtype=None if mode else "auto"
         )
     _trainable, total = count_parameters(model)
     stats = tokenizer_stats(tokenizer, [r["text"] for r in val_rows] + [r["summary"] for r in val_rows])
@@ -119,15 +181,22 @@ def run(params: StageParams) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "base": base,
         "base_source": base_source,
-        "pretrained": cfg.enabled,
+        "pretrained": mode is not None,
+        "pretrain_method": mode,
         "params": total,
         "tokenizer": params.model.tokenizer if base == "scratch" else "base",
         **{f"tokenizer_{k}": v for k, v in stats.items()},
         "threads": threads,
     }
+    if cfg.corpus and mode:
+        metrics["corpus_sha256"] = {str(p): file_sha256(Path(p)) for p in cfg.corpus}
+        metrics["corpus_documents"] = len(corpus)
     history: list[dict[str, Any]] = []
-    if cfg.enabled:
-        metrics.update(_pretrain(params, model, tokenizer, train_rows, val_rows, history))
+    if mode is None:
+        log.info("pretrain: passing %s through unchanged (pretrain.enabled: %s)", base, cfg.enabled)
+    else:
+        model, out = _pretrain(params, mode, model, tokenizer, train_rows, val_rows, corpus, history)
+        metrics.update(out)
 
     out_dir = params.layout.model_dir(STAGE)
     tmp_dir = out_dir.with_name(".model.tmp")
@@ -146,19 +215,33 @@ def run(params: StageParams) -> dict[str, Any]:
 
 def _pretrain(
     params: StageParams,
+    mode: str,
     model: Any,
     tokenizer: Any,
     train_rows: list[dict[str, Any]],
     val_rows: list[dict[str, Any]],
+    corpus: list[str],
     history: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Causal-LM training on packed blocks of texts and summaries; fills `history` with the Trainer's log."""
+) -> tuple[Any, dict[str, Any]]:
+    """Causal-LM training on packed blocks of the corpus; returns the trained model (LoRA merged in) and
+    its metrics, and fills `history` with the Trainer's log."""
     import torch
     from transformers import Trainer
 
     cfg = params.pretrain
     block_size = min(cfg.block_size, getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
-    train_blocks, val_blocks = _corpus_blocks(tokenizer, train_rows, val_rows, block_size)
+    train_blocks, val_blocks = _corpus_blocks(tokenizer, train_rows, val_rows, block_size, corpus)
+    if mode != SCRATCH:
+        # Continued pretraining of a real base: its own (small) learning rate, and LoRA when train uses it.
+        cfg = cfg.model_copy(update={"learning_rate": cfg.continued_learning_rate})
+        if mode == "lora":
+            model = with_lora(model, params.train.lora)
+        trainable, total = count_parameters(model)
+        log.warning(
+            "continued pretraining of the base through %s: %s of %s parameters trainable, learning rate %g",
+            "a LoRA adapter (train.lora)" if mode == "lora" else "every weight (train.method: full)",
+            f"{trainable:,}", f"{total:,}", cfg.learning_rate,
+        )
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     work_dir = params.layout.stage_dir(STAGE) / "trainer"
@@ -190,6 +273,7 @@ def _pretrain(
             "train_loss": round(float(logged[-1]), 4) if logged else round(result.training_loss, 4),
             "train_loss_mean": round(result.training_loss, 4),
             "steps": trainer.state.global_step,
+            "learning_rate": cfg.learning_rate,
             "blocks": len(train_blocks),
             "block_size": block_size,
             "seconds": round(seconds, 1),
@@ -197,14 +281,22 @@ def _pretrain(
         }
     )
     shutil.rmtree(work_dir, ignore_errors=True)
-    return out
+    if mode == "lora":
+        model = model.merge_and_unload()
+    return model, out
 
 
 def _corpus_blocks(
-    tokenizer: Any, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]], block_size: int
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]],
+    block_size: int,
+    corpus: list[str] | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """The texts and summaries of each split packed into blocks; StageError when training gets none."""
-    train_blocks = pack_blocks(tokenizer, [r["text"] for r in train_rows] + [r["summary"] for r in train_rows], block_size)
+    """The texts and summaries of each split packed into blocks, the unlabelled corpus after the train
+    split's; StageError when training gets none."""
+    documents = [r["text"] for r in train_rows] + [r["summary"] for r in train_rows] + list(corpus or [])
+    train_blocks = pack_blocks(tokenizer, documents, block_size)
     val_blocks = pack_blocks(tokenizer, [r["text"] for r in val_rows] + [r["summary"] for r in val_rows], block_size)
     if not train_blocks:
         raise StageError(

@@ -34,15 +34,18 @@ from tasks.core.io import file_sha256, read_jsonl
 from tasks.core.registry import (
     CHALLENGER,
     CHAMPION,
+    SETTINGS_SHA_TAG,
+    SETTINGS_TAG,
     alias_version,
     client,
     load_row_scores,
     newest_version,
     resolve_version,
+    row_scores_key,
     save_row_scores,
     variant_uris,
 )
-from tasks.core.scoring import paired_bootstrap, score
+from tasks.core.scoring import SCORING_VERSION, paired_bootstrap, score
 from tasks.core.stage_params import StageParams, stage_entry
 from tasks.core.tracking import setup_mlflow, tracking_uri
 
@@ -101,11 +104,18 @@ def _set_champion(client: Any, name: str, version: str, expected: str | None) ->
             "run `sftflow promote` again"
         )
     client.set_registered_model_alias(name, CHAMPION, str(version))
+    if alias_version(client, name, CHALLENGER) == str(version):  # one alias per meaning
+        client.delete_registered_model_alias(name, CHALLENGER)
     history = _history(client, name) + [str(version)]
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_LENGTH:]))
     after = alias_version(client, name, CHAMPION)
     if after != str(version):  # another writer (without the lock, e.g. a second machine) got in
         raise StageError(f"champion of {name} is {after} right after setting it to {version}: re-run promote")
+
+
+def _describe(mlflow_client: Any, name: str, version: str, line: str) -> None:
+    """The version's description: one line on why it is (or is no longer) champion or challenger."""
+    mlflow_client.update_model_version(name, str(version), description=line)
 
 
 def _set_tags(client: Any, name: str, version: str, tags: dict[str, Any]) -> None:
@@ -151,8 +161,9 @@ def rescore(params: StageParams, name: str, version: str, test_path: Path, ids: 
     Returns:
         Row id -> ROUGE-L (F × 100).
     """
-    import mlflow
-    import pandas as pd
+    # The installed package's loader: every stored file checked against its registration hashes,
+    # nothing from the artifact store executed (a changed version raises StageError here).
+    from tasks.core.loading import load_registered
 
     rows = read_jsonl(test_path)
     if ids is not None:
@@ -164,8 +175,8 @@ def rescore(params: StageParams, name: str, version: str, test_path: Path, ids: 
     elif params.evaluate.rows:
         rows = rows[: params.evaluate.rows]
     log.info("scoring %s version %s on %d test rows of %s", name, version, len(rows), test_path)
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    predictions = model.predict(pd.DataFrame({"text": [r["text"] for r in rows]}))
+    model = load_registered(f"models:/{name}/{version}")
+    predictions = model.predict([r["text"] for r in rows])
     scores = score(predictions, [r["summary"] for r in rows], params.data.language, bootstrap_samples=1)
     return {str(r["id"]): s["rouge-l"] for r, s in zip(rows, scores["per_row"])}
 
@@ -173,7 +184,8 @@ def rescore(params: StageParams, name: str, version: str, test_path: Path, ids: 
 def row_scores(
     params: StageParams, name: str, mv: Any, test_sha: str, test_path: Path | None, ids: list[str] | None = None
 ) -> tuple[dict[str, float], bool]:
-    """Per-row ROUGE-L of a version on the test split `test_sha`: cached, else scored and cached.
+    """Per-row ROUGE-L of a version on the test split `test_sha`, generated with the version's own
+    registered settings and scored by this scoring version: cached, else scored and cached.
 
     Returns:
         (scores by row id, whether they were computed now).
@@ -181,32 +193,39 @@ def row_scores(
     Raises:
         StageError: no cached scores for that split and no test file to score on.
     """
-    cached = load_row_scores(mv.run_id, test_sha)
+    key = row_scores_key(test_sha, (mv.tags or {}).get(SETTINGS_SHA_TAG), SCORING_VERSION)
+    cached = load_row_scores(mv.run_id, key)
     if cached is not None and (ids is None or set(ids) <= cached.keys()):
         return cached, False
     if test_path is None:
         raise StageError(
-            f"version {mv.version} has no row scores for test split {test_sha[:12]} and "
-            f"{params.layout.split('test')} is not here to score it: run `dvc pull` or `sftflow split`"
+            f"version {mv.version} has no row scores for test split {test_sha[:12]} (scoring version "
+            f"{SCORING_VERSION}) and {params.layout.split('test')} is not here to score it: run `dvc pull` or `sftflow split`"
         )
+    log.info("version %s has no row scores under %s: scoring it as registered", mv.version, key)
     scores = rescore(params, name, mv.version, test_path, ids)
-    save_row_scores(mv.run_id, test_sha, {**(cached or {}), **scores})
+    save_row_scores(mv.run_id, key, {**(cached or {}), **scores})
     return scores, True
 
 
 # ----------------------------------------------------------------------------- the gate
 
 
-def variant_drops(tags: dict[str, str]) -> dict[str, float | None]:
-    """ROUGE-L points each registered quantized variant of a version loses (None: not measured)."""
+def variant_drops(tags: dict[str, str], metrics: dict[str, float]) -> dict[str, float | None]:
+    """ROUGE-L points each registered quantized variant of a version loses (None: not measured).
+
+    Args:
+        tags: the version's tags (which variants it points at).
+        metrics: the metrics of the run that registered it (`quantize.<method>.rouge-l_drop`...).
+    """
     out: dict[str, float | None] = {}
-    full = tags.get("evaluate.rouge-l")
+    full = metrics.get("evaluate.rouge-l")
     for method in variant_uris(tags):
-        drop = tags.get(f"quantize.{method}.rouge-l_drop")
+        drop = metrics.get(f"quantize.{method}.rouge-l_drop")
         if drop is not None:
             out[method] = float(drop)
-        elif full is not None and f"quantize.{method}.rouge-l" in tags:
-            out[method] = float(full) - float(tags[f"quantize.{method}.rouge-l"])
+        elif full is not None and f"quantize.{method}.rouge-l" in metrics:
+            out[method] = float(full) - float(metrics[f"quantize.{method}.rouge-l"])
         else:
             out[method] = None
     return out
@@ -233,13 +252,17 @@ def compare(params: StageParams, name: str, candidate: Any, champion: Any) -> di
         "test_sha256": test_sha,
         "champion_rescored": champ_rescored,
         "challenger_rescored": cand_rescored,
+        "scoring_version": SCORING_VERSION,
+        "challenger_settings": (candidate.tags or {}).get(SETTINGS_TAG, "unknown"),
+        "champion_settings": (champion.tags or {}).get(SETTINGS_TAG, "unknown"),
     }
     reasons = []
     if boot["delta"] < cfg.min_delta:
         reasons.append(f"ROUGE-L gain {boot['delta']:.2f} < promote.min_delta {cfg.min_delta:g}")
     if boot["low"] <= 0:
         reasons.append(f"95% lower bound of the gain {boot['low']:.2f} is not above 0 (within noise)")
-    for method, drop in variant_drops(candidate.tags).items():
+    run_metrics = client().get_run(candidate.run_id).data.metrics if candidate.run_id else {}
+    for method, drop in variant_drops(candidate.tags, run_metrics).items():
         figures[f"{method}_drop"] = drop
         if drop is None:
             reasons.append(f"the {method} variant has no measured ROUGE-L drop (metrics/quantize.json)")
@@ -271,9 +294,10 @@ def gate(params: StageParams, candidate: int | str) -> dict[str, Any]:
     name = params.register.model_name
     with promotion_lock():
         cand = resolve_version(client, name, candidate)
-        client.set_registered_model_alias(name, CHALLENGER, cand.version)
         champ_version = alias_version(client, name, CHAMPION)
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if champ_version != str(cand.version):  # one alias per meaning: the champion is never also challenger
+            client.set_registered_model_alias(name, CHALLENGER, cand.version)
         if champ_version == str(cand.version):
             return {"version": int(cand.version), "decision": "already champion", "champion": int(cand.version),
                     "previous_champion": None, "reason": "this version is the champion"}
@@ -291,6 +315,10 @@ def gate(params: StageParams, candidate: int | str) -> dict[str, Any]:
         if figures["promote"]:
             _set_champion(client, name, cand.version, champ_version)
         _set_tags(client, name, cand.version, tags)
+        _describe(client, name, cand.version, f"{decision} ({now}): {figures['reason']}"
+                  + ("" if figures["promote"] or champ is None else f"; champion stays version {champ.version}"))
+        if champ is not None and figures["promote"]:
+            _describe(client, name, champ.version, f"replaced as champion by version {cand.version} ({now}): {figures['reason']}")
         if champ is not None:
             _set_tags(client, name, champ.version, {
                 "promote.last_challenger": cand.version,
@@ -341,8 +369,10 @@ def force(params: StageParams, version: int | str) -> dict[str, Any]:
             "promote.decision": CHAMPION, "promote.manual": "true", "promote.compared_with": previous or "none",
             "promote.reason": "forced with `sftflow promote --version`", "promote.at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
+        _describe(client, name, mv.version, f"champion (forced with `sftflow promote --version`, {time.strftime('%Y-%m-%dT%H:%M:%S%z')})")
         if previous and previous != str(mv.version):
             _set_tags(client, name, previous, {"promote.decision": "replaced", "promote.last_challenger": mv.version})
+            _describe(client, name, previous, f"replaced as champion by version {mv.version} (forced)")
     result = {"version": int(mv.version), "decision": CHAMPION, "manual": True, "champion": int(mv.version),
               "previous_champion": int(previous) if previous else None}
     log.info("forced version %s to champion (was %s)", mv.version, previous)
@@ -379,5 +409,7 @@ def rollback(params: StageParams) -> dict[str, Any]:
                                           "promote.rolled_back_to": previous,
                                           "promote.at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         _set_tags(client, name, previous, {"promote.decision": CHAMPION, "promote.restored_from": current})
+        _describe(client, name, current, f"rolled back: champion returned to version {previous}")
+        _describe(client, name, previous, f"champion again (rolled back from version {current})")
     log.info("champion of %s rolled back from %s to %s", name, current, previous)
     return {"champion": int(previous), "rolled_back": int(current), "history": [int(v) for v in history]}

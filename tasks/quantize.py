@@ -1,7 +1,8 @@
 """The `quantize` stage: smaller, cheaper variants of the fine-tuned model, each measured against the
 full-precision model on the same test rows and gated on its ROUGE-L loss.
 
-Inputs: the final model (`artifacts/train/model`), `artifacts/split/test.jsonl`. Outputs: one folder
+Inputs: the final model (`artifacts/train/model`), `artifacts/split/test.jsonl`, and
+`artifacts/evaluate/decoding.json` (the repetition controls evaluate used; `tasks.core.decoding`). Outputs: one folder
 per method under `artifacts/quantize/<method>/` in the variant format (`tasks.core.variants`: loadable
 with `load_quantized` in any process, marked by `sftflow_quantization.json`),
 `artifacts/quantize/predictions.jsonl`, `metrics/quantize.json` (flat keys `<variant>.size_ratio`,
@@ -31,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.data import read_split
+from tasks.core.decoding import apply_decoding, decoding_file
 from tasks.core.errors import StageError
 from tasks.core.generation import GenerationSettings, generate
-from tasks.core.io import write_json, write_jsonl
+from tasks.core.io import dir_sha256, write_json, write_jsonl
 from tasks.core.modeling import load_model_and_tokenizer, load_tokenizer
 from tasks.core.plots import save_figure
 from tasks.core.scoring import score
@@ -86,7 +88,9 @@ def bnb_config(method: str) -> Any:
     raise StageError(f"not a bitsandbytes method: {method!r} (choose bnb-int8 or bnb-nf4)")
 
 
-def quantize_bnb(model_dir: Path, method: str, out_dir: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
+def quantize_bnb(
+    model_dir: Path, method: str, out_dir: Path, trust_remote_code: bool = False, source_sha256: str | None = None
+) -> tuple[Any, Any]:
     """Quantize a model folder with bitsandbytes while loading it on the GPU(s) and save the result.
 
     Returns:
@@ -123,6 +127,7 @@ def quantize_bnb(model_dir: Path, method: str, out_dir: Path, trust_remote_code:
         method,
         library=f"bitsandbytes {bitsandbytes.__version__} via transformers BitsAndBytesConfig",
         scheme="LLM.int8() (int8 weights, fp16 outliers)" if method == "bnb-int8" else "4-bit NF4, double quantization, bf16 compute",
+        source_sha256=source_sha256,
     )
     model.eval()
     return model, tokenizer
@@ -257,7 +262,9 @@ def run(cfg: StageParams) -> dict[str, Any]:
         if method in GPU_METHODS:
             require_cuda(method)
     rows = read_split(layout, "test", limit=cfg.quantize.rows)
-    settings = GenerationSettings.of(cfg)
+    model_sha = dir_sha256(model_dir)
+    # The repetition controls evaluate used (and chose on val, with evaluate.tune_decoding) for these weights.
+    settings = apply_decoding(GenerationSettings.of(cfg), decoding_file(layout), model_sha)
     threads = torch.get_num_threads()
     log.info("quantizing %s with %s; measuring on %d test rows (%d threads)", model_dir, methods, len(rows), threads)
     metrics: dict[str, Any] = {
@@ -266,11 +273,13 @@ def run(cfg: StageParams) -> dict[str, Any]:
         "max_new_tokens": settings.max_new_tokens,
         "threads": threads,
         "max_drop": cfg.quantize.max_drop,
+        "model_sha256": model_sha,
+        "decoding": {k: getattr(settings, k) for k in ("no_repeat_ngram_size", "repetition_penalty")},
     }
     columns: dict[str, list[str]] = {}
     for device, on_device in (("cpu", [m for m in methods if m in CPU_METHODS]), ("cuda", [m for m in methods if m in GPU_METHODS])):
         if on_device:
-            figures, predictions = _measure_on(device, on_device, model_dir, rows, settings, cfg)
+            figures, predictions = _measure_on(device, on_device, model_dir, model_sha, rows, settings, cfg)
             metrics.update(figures)
             columns.update(predictions)
     metrics["passed"] = all(metrics[f"{m}.passed"] for m in methods)
@@ -283,18 +292,24 @@ def run(cfg: StageParams) -> dict[str, Any]:
     return metrics
 
 
-def _write_variant(method: str, model_dir: Path, folder: Path, tokenizer: Any, trust_remote_code: bool) -> None:
-    """Quantize the model folder with `method` into `folder` (the variant format)."""
+def _write_variant(method: str, model_dir: Path, folder: Path, tokenizer: Any, trust_remote_code: bool, source_sha256: str) -> None:
+    """Quantize the model folder with `method` into `folder` (the variant format, naming its source)."""
     if method == "int8":
         source, _ = load_model_and_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         _, tensors, int8_layout = quantize_int8(source)
-        save_int8(tensors, int8_layout, source, tokenizer, folder)
+        save_int8(tensors, int8_layout, source, tokenizer, folder, source_sha256=source_sha256)
     else:
-        quantize_bnb(model_dir, method, folder, trust_remote_code)
+        quantize_bnb(model_dir, method, folder, trust_remote_code, source_sha256=source_sha256)
 
 
 def _measure_on(
-    device: str, methods: list[str], model_dir: Path, rows: list[dict[str, Any]], settings: GenerationSettings, cfg: StageParams
+    device: str,
+    methods: list[str],
+    model_dir: Path,
+    model_sha256: str,
+    rows: list[dict[str, Any]],
+    settings: GenerationSettings,
+    cfg: StageParams,
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """Write, reload and measure the variants of one device against the full model on that device.
 
@@ -311,7 +326,7 @@ def _measure_on(
     full_size = weights_bytes(model_dir)
     for method in methods:
         folder = cfg.layout.variant_dir(method)
-        _write_variant(method, model_dir, folder, tokenizer, trust)
+        _write_variant(method, model_dir, folder, tokenizer, trust, model_sha256)
         models[method] = load_quantized(folder)
         log.info("%s: %.2f MB of weights (full: %.2f MB)", method, weights_bytes(folder) / 1e6, full_size / 1e6)
     preds, wall, cpu = timed_generate(models, rows, settings)

@@ -31,23 +31,29 @@ from typing import Any
 
 import yaml
 
+from tasks.core.decoding import apply_decoding, decoding_file
 from tasks.core.errors import StageError
 from tasks.core.generation import GenerationSettings
+from tasks.core.scoring import SCORING_VERSION
 from tasks.core.io import dir_sha256, file_sha256, read_json, read_jsonl, write_json
 from tasks.core.layout import SPLITS
+from tasks.core.loading import MANIFEST_TAG, encode_manifest, logged_model_manifest
 from tasks.core.registry import (
     CONTENT_TAG,
     ROW_METRIC,
+    SETTINGS_SHA_TAG,
+    SETTINGS_TAG,
     VARIANT_OF_TAG,
     VARIANT_TAG,
     client,
     find_version_with_content,
     load_row_scores,
     model_name_of,
-    resolve_version,
+    row_scores_key,
     save_row_scores,
+    settings_sha256,
     variant_uri_tag,
-    variant_uris,
+    version_lineage,
 )
 from tasks.core.stage_params import StageParams, stage_entry
 from tasks.core.tracking import flatten_metrics, setup_mlflow
@@ -58,7 +64,11 @@ log = logging.getLogger(__name__)
 MODEL_ARTIFACT_NAME = "model"
 REQUIRED_METRICS = ("rouge-1", "rouge-2", "rouge-l")
 # Tags that say when and by whom a version was made, not what it holds: a retry differs only in these.
-_CIRCUMSTANCE_TAGS = frozenset({"code.commit", "code.dirty", "prefect.flow_run_id", CONTENT_TAG})
+# (the files' hashes are derived from the files the content hash covers already)
+_CIRCUMSTANCE_TAGS = frozenset({"code.commit", "code.dirty", "prefect.flow_run_id", CONTENT_TAG, MANIFEST_TAG})
+# Files a run writes into the checkout itself: dvc.lock, `-S` overrides in params.yaml (their hash is
+# recorded as params.sha256), DVC's .dvc files and the .gitignore entries it adds for its outputs.
+PIPELINE_WRITTEN = ("dvc.lock", "params.yaml", "**/*.dvc", "**/.gitignore")
 _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "jieba", "rouge-chinese")
 
 
@@ -141,12 +151,17 @@ def _git(*args: str) -> str | None:
 
 
 def code_version() -> dict[str, str]:
-    """`code.commit` and `code.dirty` of the working tree ("unknown" outside a git checkout)."""
+    """`code.commit` and `code.dirty` of the working tree ("unknown" outside a git checkout).
+
+    Dirty means a change to tracked source or config (`PIPELINE_WRITTEN` excluded: the run's own
+    outputs are not code), so a fresh clone's run records `code.dirty: false`.
+    """
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         log.warning("not a git checkout (or no git): code.commit is recorded as unknown")
         return {"code.commit": "unknown", "code.dirty": "unknown"}
-    status = _git("status", "--porcelain")
+    excluded = [f":(exclude,glob){pattern}" for pattern in PIPELINE_WRITTEN]
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     return {"code.commit": commit, "code.dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
@@ -187,6 +202,19 @@ def lineage_tags(params: StageParams, flow_run_id: str | None = None, lock_file:
     tags["params.sha256"] = params.digest()
     tags["model.base"] = params.model.base
     tags["prefect.flow_run_id"] = flow_run_id or "none"
+    tags.update(_training_determinism(params))
+    return tags
+
+
+def _training_determinism(params: StageParams) -> dict[str, str]:
+    """Whether the same inputs would train the same weights (`metrics/train.json`), as lineage tags."""
+    path = params.layout.metrics_file("train")
+    train = read_json(path) if path.exists() else {}
+    if "deterministic" not in train:
+        return {"train.deterministic": "unknown"}
+    tags = {"train.deterministic": str(bool(train["deterministic"])).lower()}
+    if train.get("deterministic_reason"):
+        tags["train.deterministic_reason"] = str(train["deterministic_reason"])[:500]
     return tags
 
 
@@ -211,9 +239,11 @@ def _requirements() -> list[str]:
 
 
 def generation_settings(params: StageParams, quantization: str | None = None) -> dict[str, Any]:
-    """The `sftflow.json` of a logged model: how `predict` generates (exactly as evaluate does)."""
+    """The `sftflow.json` of a logged model: how `predict` generates (exactly as evaluate does, with the
+    repetition controls evaluate used or chose on val: `artifacts/evaluate/decoding.json`)."""
+    settings = apply_decoding(GenerationSettings.of(params), decoding_file(params.layout))
     return {
-        **GenerationSettings.of(params).to_dict(),
+        **settings.to_dict(),
         "language": params.data.language,
         "quantization": quantization,
     }
@@ -254,8 +284,14 @@ def log_and_register(
     The model is logged "from code" (tasks/core/pyfunc_model.py): its artifacts are the folder as it is
     (safetensors + tokenizer) and `sftflow.json`; nothing is pickled. Logged in the active run if
     there is one, else in a new run of the `register.experiment` experiment. When a READY version of
-    the registered model already holds the same content (`content_sha256`), that version is returned
-    and nothing is logged: a retried or resumed register does not make copies.
+    the registered model already holds the same content (`content_sha256`) and carries its file
+    hashes, that version is returned and nothing is logged: a retried or resumed register does not
+    make copies.
+
+    The new version is tagged `sftflow.files_sha256`: the sha256 of every file of the logged model
+    (weights, tokenizer, config, `sftflow.json`, `MLmodel`, environment and code files), which
+    `tasks.core.loading.load_registered` checks before it loads anything (a version without it,
+    registered before this tag existed, is not reused).
 
     Args:
         model_dir: the model folder (`artifacts/train/model` or a quantized variant folder).
@@ -268,7 +304,7 @@ def log_and_register(
         The `mlflow.entities.model_registry.ModelVersion`, new or reused.
 
     Raises:
-        StageError: the folder is not a model folder.
+        StageError: the folder is not a model folder, or the stored files do not match it.
     """
     import mlflow
     from mlflow.models import ModelSignature
@@ -290,7 +326,10 @@ def log_and_register(
         setup_mlflow(params.register.experiment)
     content = content_sha256(model_dir, params, tags, quantization)
     existing = find_version_with_content(name, content)
-    if existing is not None:
+    if existing is not None and not existing.tags.get(MANIFEST_TAG):
+        log.info("%s version %s holds this content but no %s: registering a version with file hashes",
+                 name, existing.version, MANIFEST_TAG)
+    elif existing is not None:
         log.info("%s version %s already holds %s (content %s): reusing it", name, existing.version, model_dir, content[:12])
         return existing
     tags = {**tags, CONTENT_TAG: content}
@@ -308,6 +347,12 @@ def log_and_register(
                 signature=signature,
                 pip_requirements=_requirements(),
             )
+            # Hashes of what is stored now, kept in the registry (not the artifact store) for the loader.
+            stored_at = mlflow.MlflowClient().get_logged_model(info.model_id).artifact_location
+            files = logged_model_manifest(
+                stored_at, {pyfunc_model.MODEL_ARTIFACT: model_dir, pyfunc_model.SETTINGS_ARTIFACT: settings_file}
+            )
+        tags[MANIFEST_TAG] = encode_manifest(files)
         version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
     finally:
         if started:
@@ -340,21 +385,20 @@ def run(params: StageParams, *, flow_run_id: str | None = None) -> dict[str, Any
     # Read and check everything first: a failed upstream run must not leave a version behind.
     model_dir = params.layout.final_model
     _check_model_dir(model_dir, "the fine-tuned model")
+    model_sha = dir_sha256(model_dir)
     metrics = evaluate_metrics(params)
     row_scores = row_scores_from_predictions(params)
     tags = lineage_tags(params, flow_run_id)
     quant = quantize_metrics(params)
-    variant_dirs = _variant_dirs(params)
-    evaluated_on = read_json(params.layout.metrics_file("evaluate")).get("test_sha256")
-    if evaluated_on and evaluated_on != tags["split.test_sha256"]:
-        raise StageError(
-            f"{params.layout.metrics_file('evaluate')} was computed on another test split "
-            f"({evaluated_on[:12]}, now {tags['split.test_sha256'][:12]}): re-run `sftflow evaluate`"
-        )
-    tags.update({f"evaluate.{k}": f"{v:.4f}" for k, v in metrics.items()})
-    tags.update({k: f"{v:.4f}" for k, v in quant.items()})
+    variant_dirs = _variant_dirs(params, model_sha)
+    _check_made_from(params, model_sha, tags["split.test_sha256"], bool(variant_dirs))
+    settings = generation_settings(params)
+    tags[SETTINGS_TAG] = json.dumps(_settings_key(settings), ensure_ascii=False, sort_keys=True)
+    tags[SETTINGS_SHA_TAG] = settings_sha256(_settings_key(settings))
+    # Metrics live on the run (below); the version's tags hold lineage, and these hashes of what it scored.
+    tags["evaluate.metrics_sha256"] = hashlib.sha256(json.dumps({**metrics, **quant}, sort_keys=True).encode()).hexdigest()
     tags["evaluate.row_scores_sha256"] = hashlib.sha256(json.dumps(row_scores, sort_keys=True).encode()).hexdigest()
-    test_sha = tags["split.test_sha256"]
+    scores_key = row_scores_key(tags["split.test_sha256"], tags[SETTINGS_SHA_TAG], SCORING_VERSION)
 
     started = mlflow.active_run() is None
     if started:
@@ -363,7 +407,7 @@ def run(params: StageParams, *, flow_run_id: str | None = None) -> dict[str, Any
     try:
         run_id = mlflow.active_run().info.run_id
         mlflow.log_metrics({f"evaluate.{k}": v for k, v in metrics.items()} | quant)
-        save_row_scores(run_id, test_sha, row_scores)
+        save_row_scores(run_id, scores_key, row_scores)
         # Variants first: the main version (what promote looks at) appears only once they exist.
         variants = {}
         for method, folder in variant_dirs.items():
@@ -390,6 +434,36 @@ def run(params: StageParams, *, flow_run_id: str | None = None) -> dict[str, Any
     return result
 
 
+def _check_made_from(params: StageParams, model_sha256: str, test_sha256: str, has_variants: bool) -> None:
+    """Refuse metrics computed for other weights or another test split than what is registered.
+
+    Raises:
+        StageError: metrics/evaluate.json (or metrics/quantize.json) names another model hash or test split.
+    """
+    evaluate_file = params.layout.metrics_file("evaluate")
+    evaluated = read_json(evaluate_file)
+    if evaluated.get("test_sha256") and evaluated["test_sha256"] != test_sha256:
+        raise StageError(
+            f"{evaluate_file} was computed on another test split "
+            f"({evaluated['test_sha256'][:12]}, now {test_sha256[:12]}): re-run `sftflow evaluate`"
+        )
+    checks = [(evaluate_file, evaluated.get("model_sha256"), "evaluate")]
+    quantize_file = params.layout.metrics_file("quantize")
+    if has_variants:
+        checks.append((quantize_file, read_json(quantize_file).get("model_sha256"), "quantize"))
+    for path, measured, stage in checks:
+        if measured != model_sha256:
+            raise StageError(
+                f"{path} was computed for other weights ({str(measured)[:12]}) than {params.layout.final_model} "
+                f"({model_sha256[:12]}): re-run `sftflow {stage}` (and what follows) before registering; nothing was registered"
+            )
+
+
+def _settings_key(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that change a version's generations and scores (not batch size or quantization)."""
+    return {k: v for k, v in settings.items() if k not in {"batch_size", "quantization"}}
+
+
 def _link_variants(version: Any, variants: dict[str, str]) -> None:
     """Point a (possibly reused) main version's `sftflow.variant.<method>` tags at these variants."""
     for method, uri in variants.items():
@@ -398,8 +472,9 @@ def _link_variants(version: Any, variants: dict[str, str]) -> None:
             log.info("%s version %s: %s now points at %s", version.name, version.version, variant_uri_tag(method), uri)
 
 
-def _variant_dirs(params: StageParams) -> dict[str, Path]:
-    """The quantized variants of `quantize.methods` the quantize stage wrote (folders with its marker)."""
+def _variant_dirs(params: StageParams, model_sha256: str) -> dict[str, Path]:
+    """The quantized variants of `quantize.methods` the quantize stage wrote (folders with its marker)
+    from these weights (`model_sha256`): a variant of other weights is refused."""
     found = {}
     for method in params.quantize.methods:
         folder = params.layout.variant_dir(method)
@@ -409,6 +484,11 @@ def _variant_dirs(params: StageParams) -> dict[str, Path]:
         marker = read_marker(folder)
         if marker["method"] != method:
             raise StageError(f"{folder / MARKER_FILE} says {marker['method']!r}, not {method!r}: re-run `sftflow quantize`")
+        if marker.get("source_sha256") != model_sha256:
+            raise StageError(
+                f"{folder} was quantized from other weights ({str(marker.get('source_sha256'))[:12]}) than "
+                f"{params.layout.final_model} ({model_sha256[:12]}): re-run `sftflow quantize`; nothing was registered"
+            )
         _check_model_dir(folder, f"the {method} variant")
         found[method] = folder
     if found and not params.layout.metrics_file("quantize").exists():
@@ -437,29 +517,4 @@ def lineage(params: StageParams, version: str | int) -> str:
         StageError: the version or alias does not exist.
     """
     setup_mlflow(params.register.experiment)
-    registry = client()
-    name = params.register.model_name
-    mv = resolve_version(registry, name, version)
-    t = mv.tags
-    aliases = registry.get_registered_model(name).aliases
-    own_aliases = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
-    metrics = {k[len("evaluate."):]: v for k, v in sorted(t.items()) if k.startswith("evaluate.")}
-    dirty = {"true": " (tree dirty: uncommitted changes)", "false": ""}.get(t.get("code.dirty", ""), " (dirty: unknown)")
-    lines = [
-        f"{name} version {mv.version}  (run {mv.run_id})",
-        f"  data        {t.get('data.path', '?')}  sha256 {t.get('data.sha256', '?')}"
-        + (f"  dvc md5 {t['data.dvc_md5']}" if "data.dvc_md5" in t else ""),
-        f"  ↓ validation success={t.get('validate.success', '?')}",
-        "  ↓ splits    " + "  ".join(f"{s} {t.get(f'split.{s}_sha256', '?')[:12]}" for s in SPLITS),
-        f"  ↓ params    sha256 {t.get('params.sha256', '?')}  base model {t.get('model.base', '?')}",
-        f"  ↓ code      commit {t.get('code.commit', '?')}{dirty}",
-        f"  ↓ flow run  {t.get('prefect.flow_run_id', '?')}",
-        "  ↓ metrics   " + ("  ".join(f"{k} {v}" for k, v in metrics.items()) or "(none)"),
-        f"  ↓ promotion {t.get('promote.decision', 'not yet gated')}"
-        + (f": {t['promote.reason']}" if "promote.reason" in t else ""),
-        "  ↓ aliases   " + (", ".join(own_aliases) or "(none)"),
-    ]
-    variants = variant_uris(t)
-    if variants:
-        lines.append("    variants  " + "  ".join(f"{m} {uri}" for m, uri in sorted(variants.items())))
-    return "\n".join(lines)
+    return version_lineage(client(), params.register.model_name, version).text()

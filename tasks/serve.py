@@ -4,7 +4,15 @@ The app loads `models:/<register.model_name>@champion` (the variant `serve:` nam
 streams summaries in the page, and exposes `/summarize` (text in, summary out, the same greedy result
 as the pyfunc's `predict`) to `gradio_client`. A background thread polls the alias every
 `serve.poll_seconds`; when it moves, the new version is loaded first and then swapped in under a lock,
-so a request holds the version it started with until it finishes.
+so a request holds the version it started with until it finishes. The side panel names the version
+and variant serving, tables its test-split ROUGE-1/2/L with 95% intervals beside its base and the
+lead-k baseline (and the served quantized variant's ROUGE-L and drop), and links the review dashboard
+when `serve.review_url` is set.
+
+Models load through `tasks.core.loading.load_registered`: every stored file is checked against the
+hashes recorded at registration and no code from the artifact store runs, so a version changed in the
+store is refused (the app keeps serving the version it has). The app binds 127.0.0.1; another address
+(or a share link) needs a login, `SFTFLOW_APP_AUTH=user:password`.
 """
 
 from __future__ import annotations
@@ -16,9 +24,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.core.access import access_hint, login_from_env, refuse_exposure
 from tasks.core.errors import StageError
-from tasks.core.generation import GenerationSettings, encode_prompts, greedy_config
+from tasks.core.generation import GenerationSettings, encode_prompts, generate, greedy_config, repetition_processors
 from tasks.core.io import iter_jsonl
+from tasks.core.loading import MANIFEST_TAG, load_registered
 from tasks.core.registry import CHAMPION, variant_uri_tag
 from tasks.core.config import Params, env_flag
 from tasks.core.stage_params import StageParams, stage_entry, stage_params
@@ -29,8 +39,17 @@ log = logging.getLogger(__name__)
 AUTH_ENV = "SFTFLOW_APP_AUTH"
 SHARE_ENV = "SFTFLOW_SHARE"
 EXAMPLE_ROWS = 5
+# Registry bookkeeping, not lineage: kept out of the info panel.
+HIDDEN_TAGS = (MANIFEST_TAG,)
 # Run metrics shown in the info panel; the flow run also holds training curves nobody needs here.
 METRIC_PREFIXES = ("evaluate.", "quantize.")
+# The info panel's scores table: columns (metric key -> heading), the reference rows after the
+# fine-tuned one (label, metric prefix), and what an unlogged score shows.
+SCORE_COLUMNS = {"rouge-1": "ROUGE-1", "rouge-2": "ROUGE-2", "rouge-l": "ROUGE-L"}
+SCORE_ROWS = (("base", "evaluate.base."), ("lead-k baseline", "evaluate.baseline."))
+MISSING = "–"
+# Variants that are the version's own weights (bf16 is cast on load); any other is a quantized variant.
+FULL_PRECISION = ("full", "bf16")
 
 
 @dataclass(frozen=True)
@@ -40,13 +59,17 @@ class ServedVersion:
     version: str
     variant: str
     uri: str
-    pyfunc: Any
     model: Any
     tokenizer: Any
     settings: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     note: str | None = None
+
+    @property
+    def generation(self) -> GenerationSettings:
+        """The generation settings the version was registered with (its `sftflow.json`)."""
+        return GenerationSettings.from_dict(self.settings)
 
     def info(self) -> dict[str, Any]:
         """JSON-safe description: version, variant, URI, metrics, lineage tags and any note."""
@@ -81,7 +104,7 @@ def resolve_variant(params: StageParams, model_version: Any, device: str) -> tup
     version = str(model_version.version)
     wanted = params.serve.variant_gpu if device == "cuda" else params.serve.variant_cpu
     own_uri = f"models:/{params.register.model_name}/{version}"
-    if wanted in {"full", "bf16"}:
+    if wanted in FULL_PRECISION:
         return wanted, own_uri, None
     tag = variant_uri_tag(wanted)
     uri = (model_version.tags or {}).get(tag)
@@ -97,8 +120,9 @@ def resolve_variant(params: StageParams, model_version: Any, device: str) -> tup
 def load_version(params: StageParams, client: Any, model_version: Any, device: str | None = None) -> ServedVersion:
     """Load a registered version in the variant `serve:` asks for on this device.
 
-    When the variant is not registered, full precision is served and the returned `note` (shown in
-    the app) and the log say so.
+    The files are verified and loaded by `tasks.core.loading.load_registered` (no code from the
+    artifact store runs). When the variant is not registered, full precision is served and the
+    returned `note` (shown in the app) and the log say so.
 
     Args:
         params: the resolved params (`register.model_name`, `serve.variant_cpu/gpu`).
@@ -110,20 +134,15 @@ def load_version(params: StageParams, client: Any, model_version: Any, device: s
         The loaded version.
 
     Raises:
-        StageError: the model cannot be loaded from the registry.
+        StageError: the model cannot be loaded from the registry, or its stored files differ from
+            those registered.
     """
-    import mlflow
-
     device = device or current_device()
     variant, uri, note = resolve_variant(params, model_version, device)
     if note:
         log.warning(note)
-    try:
-        loaded = mlflow.pyfunc.load_model(uri)
-        python_model = loaded.unwrap_python_model()
-    except Exception as e:  # MLflow raises several types (MlflowException, OSError, ImportError)
-        raise StageError(f"cannot load {uri} from the MLflow registry: {e}") from e
-    model, tokenizer = python_model.model, python_model.tokenizer
+    loaded = load_registered(uri, client=client)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if device == "cuda" and model.device.type != "cuda":
         import torch
 
@@ -135,12 +154,11 @@ def load_version(params: StageParams, client: Any, model_version: Any, device: s
         version=str(model_version.version),
         variant=variant,
         uri=uri,
-        pyfunc=loaded,
         model=model,
         tokenizer=tokenizer,
-        settings=dict(python_model.settings),
+        settings=dict(loaded.settings),
         metrics=dict(sorted(metrics.items())),
-        tags={k: v for k, v in sorted(tags.items()) if not k.startswith(METRIC_PREFIXES)},
+        tags={k: v for k, v in sorted(tags.items()) if not k.startswith(METRIC_PREFIXES) and k not in HIDDEN_TAGS},
         note=note,
     )
 
@@ -207,9 +225,9 @@ class ChampionServer:
             return self.client.get_model_version_by_alias(name, CHAMPION)
         except MlflowException as e:
             store = os.environ.get("MLFLOW_TRACKING_URI") or "unset: the project's mlflow.db"
+            fix = access_hint(e) or " If no model is champion yet, run `sftflow register` and `sftflow promote` first"
             raise StageError(
-                f"cannot find alias {CHAMPION!r} of registered model {name!r} (MLFLOW_TRACKING_URI={store}): {e}. "
-                "If no model is champion yet, run `sftflow register` and `sftflow promote` first"
+                f"cannot find alias {CHAMPION!r} of registered model {name!r} (MLFLOW_TRACKING_URI={store}): {e}.{fix}"
             ) from e
 
     def refresh(self) -> bool:
@@ -265,11 +283,8 @@ def check_text(text: Any, max_chars: int) -> str:
 
 
 def summarize(served: ServedVersion, text: str) -> str:
-    """The final summary of one text, exactly as the pyfunc's `predict` gives it."""
-    import pandas as pd
-
-    result = served.pyfunc.predict(pd.DataFrame({"text": [text]}))
-    return str(next(iter(result)))
+    """The final summary of one text, exactly as the pyfunc's `predict` gives it (the same `generate`)."""
+    return generate(served.model, served.tokenizer, [text], served.generation)[0]
 
 
 def prompt_ids(tokenizer: Any, text: str, settings: dict[str, Any]) -> list[int]:
@@ -282,17 +297,19 @@ def stream_summary(served: ServedVersion, text: str, max_new_tokens: int) -> Ite
     import torch
     from transformers import TextIteratorStreamer
 
-    model, tokenizer = served.model, served.tokenizer
+    model, tokenizer, settings = served.model, served.tokenizer, served.generation
     ids = torch.tensor([prompt_ids(tokenizer, text, served.settings)], dtype=torch.long, device=model.device)
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    config = greedy_config(model, tokenizer, int(max_new_tokens))
+    # The same config, stop tokens and repetition controls as `generate` (one row: no padding).
+    config = greedy_config(model, tokenizer, int(max_new_tokens), use_chat_template=settings.use_chat_template)
+    processors = repetition_processors(settings, ids.shape[1])
     failure: list[Exception] = []
 
     def work() -> None:
         try:
             with torch.inference_mode():
-                model.generate(**enc, generation_config=config, streamer=streamer)
+                model.generate(**enc, generation_config=config, logits_processor=processors, streamer=streamer)
         except Exception as e:  # noqa: BLE001 - re-raised in the request thread below; end() unblocks its loop
             failure.append(e)
             streamer.end()
@@ -313,17 +330,56 @@ def stream_summary(served: ServedVersion, text: str, max_new_tokens: int) -> Ite
         yield ""
 
 
-def info_markdown(served: ServedVersion, model_name: str) -> str:
-    """The info panel: serving version, variant, metrics and lineage tags."""
+def _score_cell(metrics: dict[str, float], key: str) -> str:
+    """`mean [low, high]` of a logged metric (`key`, `key_low`, `key_high`), the mean alone without its CI, or "–"."""
+    if key not in metrics:
+        return MISSING
+    low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
+    ci = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+    return f"{metrics[key]:.2f}{ci}"
+
+
+def scores_table(served: ServedVersion) -> list[str]:
+    """The panel's table: fine-tuned, base and lead-k baseline on the test split, ROUGE-1/2/L as `mean [95% CI]`.
+
+    Read from the version's run metrics (`evaluate.<m>`, `evaluate.base.<m>`, `evaluate.baseline.<m>` and
+    their `_low`/`_high`); a quantized variant served adds its row: `quantize.<variant>.rouge-l` and
+    its drop from full precision. What was not logged shows "–".
+    """
+    m = served.metrics
+    quantized = served.variant not in FULL_PRECISION
+    lines = ["| | " + " | ".join(SCORE_COLUMNS.values()) + " |", "|---" + "|---:" * len(SCORE_COLUMNS) + "|"]
+    own = "full" if quantized else f"{served.variant}, served"
+    for label, prefix in ((f"fine-tuned (v{served.version}, {own})", "evaluate."), *SCORE_ROWS):
+        lines.append(f"| {label} | " + " | ".join(_score_cell(m, prefix + k) for k in SCORE_COLUMNS) + " |")
+    if quantized:
+        key = f"quantize.{served.variant}.rouge-l"
+        drop = m.get(f"{key}_drop")
+        cell = MISSING if key not in m else f"{m[key]:.2f}" + (f" (drop {drop:.2f})" if drop is not None else "")
+        lines.insert(3, f"| fine-tuned (v{served.version}, {served.variant}, served) | {MISSING} | {MISSING} | {cell} |")
+    return lines
+
+
+def _collapsed(title: str, items: list[str]) -> list[str]:
+    """A closed `<details>` section holding a markdown list (blank lines keep the list markdown)."""
+    return ["", "<details>", f"<summary>{title}</summary>", "", *items, "", "</details>"]
+
+
+def info_markdown(served: ServedVersion, model_name: str, review_url: str = "") -> str:
+    """The info panel: serving version and variant, the scores table, a link to the review dashboard
+    (`serve.review_url`, when set), then every logged metric and the lineage tags, collapsed."""
     info = served.info()
     lines = [f"### Serving `{model_name}` version {info['version']} (`@{CHAMPION}`)"]
     if info["note"]:
         lines.append(f"> **Note:** {info['note']}")
     lines += ["", f"- variant: `{info['variant']}` on `{info['device']}`", f"- model URI: `{info['uri']}`"]
-    lines += ["", "**Metrics**", ""]
-    lines += [f"- `{k}`: {v:.4g}" for k, v in info["metrics"].items()] or ["- (none logged)"]
-    lines += ["", "**Lineage**", ""]
-    lines += [f"- `{k}`: `{v}`" for k, v in sorted(info["tags"].items())] or ["- (no tags)"]
+    if review_url:
+        lines.append(f"- [review dashboard]({review_url}): every version, why this one serves, outputs side by side")
+    lines += ["", "**Test split, F1 × 100, mean [95% CI]**", "", *scores_table(served)]
+    metrics = [f"- `{k}`: {v:.4g}" for k, v in info["metrics"].items()] or ["- (none logged)"]
+    lines += _collapsed(f"All metrics ({len(info['metrics'])})", metrics)
+    tags = [f"- `{k}`: `{v}`" for k, v in sorted(info["tags"].items())] or ["- (no tags)"]
+    lines += _collapsed(f"Lineage tags ({len(info['tags'])})", tags)
     return "\n".join(lines)
 
 
@@ -393,14 +449,14 @@ def build_app(params: StageParams, server: ChampionServer | None = None) -> Any:
                 if texts:
                     gr.Examples([[t] for t in texts], inputs=[text_box], label="Examples from the test split")
             with gr.Column(scale=2):
-                info_panel = gr.Markdown(info_markdown(first, model_name), elem_id="model-info")
+                info_panel = gr.Markdown(info_markdown(first, model_name, cfg.review_url), elem_id="model-info")
         for trigger in (button.click, text_box.submit):
             trigger(ui_summarize, [text_box, new_tokens], summary_box, api_visibility="private")
         gr.api(api_summarize, api_name="summarize")
         gr.api(api_model_info, api_name="model_info", concurrency_limit=None)
         # The panel follows the alias: read on page load and as often as the server polls. Cheap, so
         # outside the concurrency limit (a tick must not wait behind generations).
-        refresh = {"fn": lambda: info_markdown(server.current, model_name), "inputs": None, "outputs": info_panel,
+        refresh = {"fn": lambda: info_markdown(server.current, model_name, cfg.review_url), "inputs": None, "outputs": info_panel,
                    "api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
         demo.load(**refresh)
         gr.Timer(cfg.poll_seconds).tick(**refresh)
@@ -408,15 +464,22 @@ def build_app(params: StageParams, server: ChampionServer | None = None) -> Any:
     return demo
 
 
+def check_exposure(host: str, auth: tuple[str, str] | None, share: bool) -> None:
+    """Refuse to serve beyond this machine (another address, or a share link) without a login.
+
+    Raises:
+        StageError: naming `SFTFLOW_APP_AUTH`, when `host` is not loopback or `share` is on and auth is off.
+    """
+    if auth is None and share:
+        raise StageError(f"{SHARE_ENV} asks for a public share link, but {AUTH_ENV} is not set: "
+                         f"set {AUTH_ENV}=user:password so the link needs a login")
+    refuse_exposure(host, auth, variable=AUTH_ENV, action="serve",
+                    risk="any machine that reaches it could use the app", setting="serve.host")
+
+
 def auth_from_env() -> tuple[str, str] | None:
     """Basic-auth credentials from `SFTFLOW_APP_AUTH=user:password`, or None when unset."""
-    raw = os.environ.get(AUTH_ENV, "")
-    if not raw:
-        return None
-    user, sep, password = raw.partition(":")
-    if not sep or not user or not password:
-        raise StageError(f"{AUTH_ENV} must look like user:password (both non-empty); unset it to serve without auth")
-    return user, password
+    return login_from_env(AUTH_ENV, "serve without a login on 127.0.0.1")
 
 
 @stage_entry("serve")
@@ -429,16 +492,18 @@ def run(params: StageParams, host: str | None = None, port: int | None = None) -
         port: port; default `serve.port`.
 
     Raises:
-        StageError: no champion, a model that cannot load, or a malformed `SFTFLOW_APP_AUTH`.
+        StageError: no champion, a model that cannot load, a malformed `SFTFLOW_APP_AUTH`, or a
+            non-loopback host (or share link) without `SFTFLOW_APP_AUTH`.
     """
     auth = auth_from_env()
     share = env_flag(SHARE_ENV)
+    host = host or params.serve.host
+    port = port or params.serve.port
+    check_exposure(host, auth, share)  # before loading anything: a refused setting fails in a second
     server = ChampionServer(params)
     server.start()
     try:
         demo = build_app(params, server)
-        host = host or params.serve.host
-        port = port or params.serve.port
         log.info(
             "serving on http://%s:%d (auth %s, public share link %s)",
             host, port, "on" if auth else "off", "on" if share else "off",

@@ -1,27 +1,40 @@
-"""split: assign each clean row to train/val/test by a salted hash of its text; check for leakage.
+"""split: assign each clean row to train/val/test by a salted hash of its text; keep it there; check for leakage.
 
-A row's split depends only on its own text and `split.salt`, so it keeps its split when the data
-grows, and old and new models can be compared on the same test rows. Near-duplicate texts
-(character 5-gram Jaccard >= `split.near_duplicate_threshold`) would leak across splits, so they
-are grouped and each group follows the split of one canonical member (its lexicographically
-smallest text). Candidates come from MinHash + LSH banding, every candidate pair is then checked
-exactly, so the cost stays near-linear in rows. A final check on the written splits fails loudly,
-naming row ids, if identical or near-identical texts still sit in different splits.
+A new row's split depends only on its own text and `split.salt`, so old and new models can be
+compared on the same test rows. Near-duplicate texts (character 5-gram Jaccard >=
+`split.near_duplicate_threshold`) would leak across splits, so they are grouped; a group of new
+rows follows the split of one canonical member (its lexicographically smallest text). Candidates
+come from MinHash + LSH banding, every candidate pair is then checked exactly, so the cost stays
+near-linear in rows.
 
-Outputs: `artifacts/split/{train,val,test}.jsonl` (sorted by id) and `metrics/split.json` with sizes
-and a sha256 per split file.
+Once assigned, a row keeps its split forever: `artifacts/split/assignments.jsonl` remembers the
+split of every text ever seen under the salt (keyed by the sha256 of the text, so a corrected
+summary does not move its row), and the stage reads it back each run. A new near-duplicate joins
+the split its group already has; one that bridges rows of different splits joins the group's
+earliest assignment (the lowest `round`), is counted (`bridging_rows`), and the pairs it leaves
+across splits are counted too (`near_duplicate_pairs_across_splits`) instead of failing the run.
+A final check on the written splits fails loudly, naming row ids, if any other identical or
+near-identical texts sit in different splits. No table is the first run; another salt starts the
+table anew (logged); a corrupt table stops the stage, naming the file and the fix.
+
+Outputs: `artifacts/split/{train,val,test}.jsonl` (sorted by id), `artifacts/split/assignments.jsonl`
+(sorted by hash; a `persist` DVC output) and `metrics/split.json` with sizes and a sha256 per split file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from tasks.core.config import SplitConfig
 from tasks.core.errors import DataError, StageError
@@ -36,6 +49,8 @@ NGRAM = 5
 NUM_PERMUTATIONS = 64
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 EXAMPLES = 5
+TABLE_FIELDS = ("text_sha256", "split", "salt", "round")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def split_fraction(text: str, salt: str) -> float:
@@ -52,6 +67,11 @@ def split_of(text: str, cfg: SplitConfig) -> str:
     if u < cfg.train + cfg.val:
         return "val"
     return "test"
+
+
+def text_sha256(text: str) -> str:
+    """The key of a row in the assignment table: the hex sha256 of its text (UTF-8)."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -155,53 +175,201 @@ def _groups(n: int, pairs: list[tuple[int, int, float]]) -> list[int]:
     return [find(i) for i in range(n)]
 
 
+@dataclass(frozen=True)
+class Assigned:
+    """A text's split as the assignment table remembers it, and the round (1, 2, ...) that first gave it."""
+
+    split: str
+    round: int
+
+
 @dataclass
 class Assignment:
-    """Rows per split, plus how near-duplicate grouping changed it."""
+    """Rows per split, the updated assignment table, and how grouping and earlier runs shaped them."""
 
     splits: dict[str, list[dict[str, str]]]
+    table: dict[str, Assigned]  # every text ever assigned under this salt (this run's rows included), by text_sha256
     groups: int  # near-duplicate groups of two or more rows
     grouped_rows: int  # rows in such groups
-    moved: int  # rows whose split follows their group's canonical member instead of their own hash
+    moved: int  # rows not in the split of their own hash: they follow their group (or its earlier assignment)
+    kept: int  # rows whose split the table already held
+    bridging: list[str]  # ids of new rows whose group's earlier rows sit in more than one split
+    crossings: set[frozenset[str]]  # id pairs of near-duplicates that earlier assignments keep in different splits
 
 
-def assign(rows: list[dict[str, str]], cfg: SplitConfig) -> Assignment:
-    """Assign rows to splits by their text hash, near-duplicates together.
+def assign(rows: list[dict[str, str]], cfg: SplitConfig, earlier: Mapping[str, Assigned] | None = None) -> Assignment:
+    """Assign rows to splits: a remembered row keeps its split, new rows join their group's or go by hash.
 
     Args:
         rows: `{"id", "text", "summary"}` dicts.
         cfg: ratios, salt and the near-duplicate threshold.
+        earlier: the assignment table so far (`read_assignments`), by `text_sha256`; none on a first run.
 
     Returns:
-        The assignment; each split's rows sorted by id.
+        The assignment; each split's rows sorted by id. Its `table` is `earlier` plus this run's new
+        texts, each with the next round.
     """
+    earlier = earlier or {}
     texts = [r["text"] for r in rows]
+    keys = [text_sha256(t) for t in texts]
     pairs = near_duplicate_pairs(texts, cfg.near_duplicate_threshold)
     roots = _groups(len(rows), pairs)
     members: dict[int, list[int]] = defaultdict(list)
     for i, root in enumerate(roots):
         members[root].append(i)
-    splits: dict[str, list[dict[str, str]]] = {s: [] for s in SPLITS}
-    moved = 0
+    this_round = max((a.round for a in earlier.values()), default=0) + 1
+    table = dict(earlier)
+    where = [""] * len(rows)
+    bridging: list[str] = []
     for group in members.values():
-        # A canonical member that does not depend on row order or salt: the smallest text.
-        canonical = min(group, key=lambda i: texts[i])
-        target = split_of(texts[canonical], cfg)
+        known = [i for i in group if keys[i] in earlier]
+        if known:
+            # The group's earliest assignment wins; within a round, the smallest text (as for a new group).
+            first = min(known, key=lambda i: (earlier[keys[i]].round, texts[i]))
+            target = earlier[keys[first]].split
+            spread = len({earlier[keys[i]].split for i in known}) > 1
+        else:
+            # A canonical member that does not depend on row order or salt: the smallest text.
+            target = split_of(texts[min(group, key=texts.__getitem__)], cfg)
+            spread = False
         for i in group:
-            moved += split_of(texts[i], cfg) != target
-            splits[target].append(rows[i])
+            if keys[i] in earlier:
+                where[i] = earlier[keys[i]].split
+                continue
+            where[i] = target
+            table[keys[i]] = Assigned(target, this_round)
+            if spread:
+                bridging.append(rows[i]["id"])
+    splits: dict[str, list[dict[str, str]]] = {s: [] for s in SPLITS}
+    for i, row in enumerate(rows):
+        splits[where[i]].append(row)
     for name in SPLITS:
         splits[name].sort(key=lambda r: r["id"])
     big = [g for g in members.values() if len(g) > 1]
-    return Assignment(splits=splits, groups=len(big), grouped_rows=sum(map(len, big)), moved=moved)
+    return Assignment(
+        splits=splits,
+        table=table,
+        groups=len(big),
+        grouped_rows=sum(map(len, big)),
+        moved=sum(where[i] != split_of(t, cfg) for i, t in enumerate(texts)),
+        kept=sum(k in earlier for k in keys),
+        bridging=sorted(bridging),
+        crossings={frozenset((rows[i]["id"], rows[j]["id"])) for i, j, _ in pairs if where[i] != where[j]},
+    )
 
 
-def find_leaks(splits: dict[str, list[dict[str, str]]], threshold: float) -> list[str]:
+def _table_fix(path: Path) -> str:
+    return (
+        f"restore it from DVC (`dvc checkout {path}`, or `dvc pull` for the dvc.lock you are on); deleting it "
+        "reassigns every row by its hash alone, so rows that followed a near-duplicate group can change split"
+    )
+
+
+def read_assignments(path: Path, salt: str) -> dict[str, Assigned]:
+    """The assignment table at `path`, by `text_sha256`; empty when there is none yet or its salt is another.
+
+    Args:
+        path: the table (`Layout.split_assignments`).
+        salt: `split.salt` of this run. A table made with another salt is dropped on purpose (logged):
+            the new salt reassigns every row.
+
+    Returns:
+        The remembered split and round of every text.
+
+    Raises:
+        DataError: the table is corrupt: a line that is not JSON or lacks/adds fields, a bad hash,
+            split, salt or round, a repeated hash, or records with different salts. Every problem found
+            is named (up to a few), with the fix.
+    """
+    if not path.exists():
+        if _recorded_in_dvc_lock(path):
+            raise DataError(
+                f"{path} is missing, but dvc.lock records it from an earlier split: restore it with "
+                f"`dvc checkout {path}` or `dvc pull` (assigning the rows afresh could move rows between splits)"
+            )
+        logger.warning(
+            "split: no assignment table at %s: assigning every row by its hash (a first run). If this project "
+            "has run before, stop and `dvc pull` it: without it rows that followed a near-duplicate can change split",
+            path,
+        )
+        return {}
+    problems: list[str] = []
+    table: dict[str, Assigned] = {}
+    salts: dict[str, int] = defaultdict(int)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is corrupt (not UTF-8: {e}): {_table_fix(path)}") from e
+    if not lines:
+        problems.append("it is empty (the stage never writes an empty table)")
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {n} is not JSON ({e.msg})")
+            continue
+        if not isinstance(record, dict) or sorted(record) != sorted(TABLE_FIELDS):
+            got = sorted(record) if isinstance(record, dict) else type(record).__name__
+            problems.append(f"line {n} has fields {got}, not {list(TABLE_FIELDS)}")
+            continue
+        key, split, record_salt, round_ = (record[f] for f in TABLE_FIELDS)
+        bad = []
+        if not isinstance(key, str) or not _HEX64.fullmatch(key):
+            bad.append(f"text_sha256 {key!r} is not 64 lower-case hex digits")
+        if split not in SPLITS:
+            bad.append(f"split {split!r} is not one of {list(SPLITS)}")
+        if not isinstance(record_salt, str):
+            bad.append(f"salt {record_salt!r} is not a string")
+        if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 1:
+            bad.append(f"round {round_!r} is not a positive integer")
+        if bad:
+            problems.append(f"line {n}: " + ", ".join(bad))
+            continue
+        if key in table:
+            problems.append(f"line {n} repeats text_sha256 {key[:12]}…")
+            continue
+        salts[record_salt] += 1
+        table[key] = Assigned(split, round_)
+    if len(salts) > 1:
+        counts = ", ".join(f"{s!r} on {c} line(s)" for s, c in sorted(salts.items()))
+        problems.append(f"its records carry different salts ({counts}); one table holds one salt")
+    if problems:
+        more = f" (and {len(problems) - EXAMPLES} more)" if len(problems) > EXAMPLES else ""
+        raise DataError(
+            f"{path} is corrupt: " + "; ".join(problems[:EXAMPLES]) + more + f". It is the memory of every row's split: "
+            + _table_fix(path)
+        )
+    (table_salt,) = salts
+    if table_salt != salt:
+        logger.warning(
+            "split: split.salt is %r but %s was made with salt %r: the new salt reassigns every row by its hash and the "
+            "table starts anew (%d remembered texts dropped)",
+            salt,
+            path,
+            table_salt,
+            len(table),
+        )
+        return {}
+    return table
+
+
+def write_assignments(path: Path, table: Mapping[str, Assigned], salt: str) -> None:
+    """Write the assignment table atomically, sorted by hash (the same table gives the same bytes)."""
+    write_jsonl(
+        path,
+        ({"text_sha256": key, "split": table[key].split, "salt": salt, "round": table[key].round} for key in sorted(table)),
+    )
+
+
+def find_leaks(
+    splits: dict[str, list[dict[str, str]]], threshold: float, allowed: Collection[frozenset[str]] = ()
+) -> list[str]:
     """Identical or near-identical texts that sit in different splits, one line per pair.
 
     Args:
         splits: split name -> rows.
         threshold: character 5-gram Jaccard similarity from which two texts are near-identical.
+        allowed: id pairs that may cross (near-duplicates that earlier assignments keep apart, `Assignment.crossings`).
 
     Returns:
         Lines like `train:id1 ~ test:id2 (jaccard 0.93)`; empty when there is no leak.
@@ -210,7 +378,7 @@ def find_leaks(splits: dict[str, list[dict[str, str]]], threshold: float) -> lis
     leaks = []
     for i, j, sim in near_duplicate_pairs([r["text"] for _, r in flat], threshold):
         (sa, ra), (sb, rb) = flat[i], flat[j]
-        if sa != sb:
+        if sa != sb and frozenset((ra["id"], rb["id"])) not in allowed:
             kind = "identical text" if ra["text"] == rb["text"] else f"jaccard {sim:.2f}"
             leaks.append(f"{sa}:{ra['id']} ~ {sb}:{rb['id']} ({kind})")
     return leaks
@@ -218,7 +386,7 @@ def find_leaks(splits: dict[str, list[dict[str, str]]], threshold: float) -> lis
 
 @stage_entry("split")
 def run(params: StageParams) -> dict[str, Any]:
-    """Split `artifacts/validate/clean.jsonl` into train/val/test.
+    """Split `artifacts/validate/clean.jsonl` into train/val/test, every remembered row in its remembered split.
 
     Args:
         params: the stage's slice: `split`.
@@ -228,7 +396,7 @@ def run(params: StageParams) -> dict[str, Any]:
 
     Raises:
         StageError: there is no clean data (validate has not run or failed) or a leak is found.
-        DataError: ids repeat, or a split would be empty.
+        DataError: ids repeat, a split would be empty, or the assignment table is corrupt.
     """
     cfg, layout = params.split, params.layout
     # Old splits must not outlive a failed run and pass for this data's splits.
@@ -244,40 +412,68 @@ def run(params: StageParams) -> dict[str, Any]:
         repeats = sorted({i for i in ids if i in seen or seen.add(i)})
         raise DataError(f"{source}: ids repeat ({', '.join(repeats[:EXAMPLES])}): every row needs its own id")
 
-    result = assign(rows, cfg)
+    earlier = read_assignments(layout.split_assignments, cfg.salt)
+    result = assign(rows, cfg, earlier)
     empty = [name for name in SPLITS if not result.splits[name]]
     if empty:
         raise DataError(
             f"{len(rows)} rows leave split(s) {empty} empty with ratios train={cfg.train:g} val={cfg.val:g}"
             f" test={cfg.test:g}: add rows or raise those ratios"
         )
-    leaks = find_leaks(result.splits, cfg.near_duplicate_threshold)
+    leaks = find_leaks(result.splits, cfg.near_duplicate_threshold, allowed=result.crossings)
     if leaks:
         raise StageError(
             f"{len(leaks)} near-identical text pair(s) across splits (threshold {cfg.near_duplicate_threshold:g}): "
             + "; ".join(leaks[:EXAMPLES])
+        )
+    if result.bridging:
+        logger.warning(
+            "split: %d new row(s) are near-duplicates of rows that earlier runs put in different splits; each joined "
+            "its group's earliest assignment, leaving %d near-duplicate pair(s) across splits: %s",
+            len(result.bridging),
+            len(result.crossings),
+            ", ".join(result.bridging[:EXAMPLES]),
         )
 
     metrics: dict[str, Any] = {"rows": len(rows)}
     for name in SPLITS:
         write_jsonl(layout.split(name), result.splits[name])
         metrics[f"{name}_rows"] = len(result.splits[name])
+    write_assignments(layout.split_assignments, result.table, cfg.salt)
     for name in SPLITS:
         metrics[f"{name}_share"] = round(len(result.splits[name]) / len(rows), 4)
     metrics.update(
         near_duplicate_groups=result.groups,
         near_duplicate_rows=result.grouped_rows,
         rows_moved_to_group_split=result.moved,
+        rows_kept_from_earlier_runs=result.kept,
+        rows_newly_assigned=len(rows) - result.kept,
+        bridging_rows=len(result.bridging),
+        near_duplicate_pairs_across_splits=len(result.crossings),
+        assignment_table_texts=len(result.table),
         sha256={name: file_sha256(layout.split(name)) for name in SPLITS},
     )
     write_json(layout.metrics_file(STAGE), metrics)
     logger.info(
-        "split: %d rows -> train %d, val %d, test %d (%d near-duplicate groups, %d rows moved with their group)",
+        "split: %d rows -> train %d, val %d, test %d (%d kept from earlier runs, %d new; %d near-duplicate groups, "
+        "%d rows moved with their group, %d bridging)",
         len(rows),
         metrics["train_rows"],
         metrics["val_rows"],
         metrics["test_rows"],
+        result.kept,
+        len(rows) - result.kept,
         result.groups,
         result.moved,
+        len(result.bridging),
     )
     return metrics
+
+
+def _recorded_in_dvc_lock(path: Path, lock_file: Path = Path("dvc.lock")) -> bool:
+    """True when dvc.lock (in the project root, the cwd) lists `path` among the split stage's outputs."""
+    if not lock_file.exists():
+        return False
+    lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    outs = ((lock.get("stages") or {}).get(STAGE) or {}).get("outs") or []
+    return any(Path(o.get("path", "")) == Path(path) for o in outs if isinstance(o, dict))

@@ -6,9 +6,12 @@ Reads `artifacts/pretrain/model/` and the train/val splits; writes
 - `artifacts/train/adapter/`: the LoRA adapter alone (method lora);
 - `artifacts/train/checkpoints/`: Trainer checkpoints every `train.save_steps`; a rerun with the same
   params resumes from the newest complete one (a SIGKILLed run loses at most `save_steps` steps);
-- `metrics/train.json`, `plots/train/loss.csv` (step,train_loss,val_loss) and `plots/train/loss.png`.
+- `metrics/train.json` (with `deterministic` and `deterministic_reason`: would the same inputs give
+  these weights bit for bit, `tasks.core.training.determinism`), `plots/train/loss.csv`
+  (step,train_loss,val_loss) and `plots/train/loss.png`.
 
-Only summary tokens (and eos) carry loss (`tasks.core.prompt.encode_example`). `train.num_processes > 1`
+Only the answer carries loss: the summary and the token that ends it, the chat template's end-of-turn
+token or eos (`tasks.core.prompt.encode_example`). `train.num_processes > 1`
 relaunches the stage as torchrun ranks (`tasks.core.launch`).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,20 +29,35 @@ from typing import Any
 from tasks.core.config import ParamsError
 from tasks.core.data import read_split
 from tasks.core.errors import StageError
+from tasks.core.generation import GenerationSettings
 from tasks.core.io import configure_threads, dir_sha256, file_sha256, read_json, set_seed, write_json
 from tasks.core.launch import LAUNCHED_ENV, ensure_distributed_env, is_rank_zero, relaunch, threads_per_rank
-from tasks.core.modeling import count_parameters, linear_module_names, load_model_and_tokenizer, save_model
+from tasks.core.modeling import (
+    count_parameters,
+    load_model,
+    load_model_and_tokenizer,
+    resolve_lora_targets,
+    save_model,
+    with_lora,
+)
 from tasks.core.plots import write_loss_curve
-from tasks.core.prompt import collate_features, encode_example, summary_loss
+from tasks.core.prompt import check_chat_template, collate_features, encode_example, summary_loss
 from tasks.core.stage_params import StageParams, stage_entry
-from tasks.core.training import loss_rows, peak_rss_mb, training_arguments
+from tasks.core.training import (
+    determinism,
+    loss_rows,
+    nondeterministic_ops,
+    peak_rss_mb,
+    record_session,
+    session_setup,
+    training_arguments,
+    use_deterministic_algorithms,
+)
 
 log = logging.getLogger(__name__)
 
 STAGE = "train"
 FINGERPRINT_FILE = "fingerprint.json"
-# PEFT's own shorthand for every Linear layer but the output head.
-ALL_LINEAR = "all-linear"
 
 
 def check_params(params: StageParams) -> None:
@@ -83,32 +102,43 @@ def check_params(params: StageParams) -> None:
         raise ParamsError("cannot train with these params:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def check_lora_targets(model: Any, targets: list[str]) -> None:
-    """Raise ParamsError naming `train.lora.target_modules` when a target is not a Linear layer of the model."""
-    names = linear_module_names(model)
-    if targets == [ALL_LINEAR]:
-        return
-    missing = [t for t in targets if t not in names]
-    if missing or not targets:
-        raise ParamsError(
-            f"train.lora.target_modules: {missing or '[] (empty)'} not found in the model "
-            f"({model.config.model_type}); its Linear layers are {names} (or use [{ALL_LINEAR}])"
-        )
+def check_lora_targets(model: Any, targets: list[str] | str) -> list[str]:
+    """The modules LoRA adapts; ParamsError naming `train.lora.target_modules` and the model's Linear and
+    Conv1D layers when a target matches none or a module LoRA cannot adapt (`tasks.core.modeling.resolve_lora_targets`)."""
+    return resolve_lora_targets(model, targets)
 
 
-def encode_rows(params: StageParams, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
-    """Encode rows as training features; returns them and the truncation counts."""
+def target_length_limit(params: StageParams, tokenizer: Any, train_rows: list[dict[str, Any]]) -> int:
+    """The summary token limit (eos included) sized from the train split: the length that keeps
+    `train.target_length_percentile`% of its references whole (nearest rank), at most `train.max_target_length`."""
+    cfg = params.train
+    if not train_rows:
+        return cfg.max_target_length
+    ids = tokenizer([r["summary"] for r in train_rows], add_special_tokens=False)["input_ids"]
+    lengths = sorted(len(x) + 1 for x in ids)
+    # rounded first, so that 7% of 100 references is rank 7, not 8 (7.000000000000001)
+    rank = max(1, math.ceil(round(cfg.target_length_percentile * len(lengths) / 100, 9)))
+    return min(cfg.max_target_length, lengths[rank - 1])
+
+
+def encode_rows(
+    params: StageParams, tokenizer: Any, rows: list[dict[str, Any]], max_target_length: int | None = None
+) -> tuple[list[dict[str, list[int]]], dict[str, int | float]]:
+    """Encode rows as training features (summaries cut at `max_target_length`, default `train.max_target_length`);
+    returns them and the truncation counts and shares."""
     cfg, data = params.train, params.data
+    limit = cfg.max_target_length if max_target_length is None else max_target_length
     features, counts = [], {"truncated_source": 0, "truncated_target": 0}
     for r in rows:
         f = encode_example(
             tokenizer, r["text"], r["summary"], data.prompt_template, data.use_chat_template,
-            cfg.max_source_length, cfg.max_target_length,
+            cfg.max_source_length, limit,
         )
         counts["truncated_source"] += f["truncated_source"]
         counts["truncated_target"] += f["truncated_target"]
         features.append({k: f[k] for k in ("input_ids", "attention_mask", "labels")})
-    return features, counts
+    shares = {f"{k}_share": round(n / len(rows), 4) if rows else 0.0 for k, n in counts.items()}
+    return features, {**counts, **shares}
 
 
 def _fingerprint(params: StageParams, base_dir: Path) -> dict[str, Any]:
@@ -213,17 +243,28 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
     if cfg.deepspeed_config is not None:
         ensure_distributed_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Seeded before the model loads, so nothing drawn while loading depends on what ran before it.
+    set_seed(cfg.seed)
+    use_deterministic_algorithms()
     model, tokenizer = load_model_and_tokenizer(base_dir, trust_remote_code=params.model.trust_remote_code)
     if cfg.method == "lora":
-        check_lora_targets(model, cfg.lora.target_modules)
+        targets = check_lora_targets(model, cfg.lora.target_modules)
+        log.info("LoRA adapts %d modules (%s ...)", len(targets), ", ".join(targets[:4]))
+    # The answer's end token and the chat template's assistant span, checked before any row is encoded.
+    chat = check_chat_template(tokenizer, params.data.use_chat_template)
+    if chat is not None:
+        log.info("chat template: answers end with %s (id %d)", chat.end_of_turn, chat.end_of_turn_id)
     val_rows = read_split(params.layout, "val", allow_empty=True)
-    train_features, train_cuts = encode_rows(params, tokenizer, read_split(params.layout, "train", allow_empty=True))
-    val_features, val_cuts = encode_rows(params, tokenizer, val_rows)
+    train_rows = read_split(params.layout, "train", allow_empty=True)
+    target_limit = target_length_limit(params, tokenizer, train_rows)
+    train_features, train_cuts = encode_rows(params, tokenizer, train_rows, target_limit)
+    val_features, val_cuts = encode_rows(params, tokenizer, val_rows, target_limit)
     for split, cuts in (("train", train_cuts), ("val", val_cuts)):
         if cuts["truncated_source"] or cuts["truncated_target"]:
             log.warning(
-                "%s: %d texts cut to train.max_source_length=%d tokens, %d summaries cut to train.max_target_length=%d",
-                split, cuts["truncated_source"], cfg.max_source_length, cuts["truncated_target"], cfg.max_target_length,
+                "%s: %d texts cut to train.max_source_length=%d tokens, %d summaries cut to %d tokens (train.max_target_length, "
+                "train.target_length_percentile)",
+                split, cuts["truncated_source"], cfg.max_source_length, cuts["truncated_target"], target_limit,
             )
     set_seed(cfg.seed)
     if cfg.method == "lora":
@@ -235,7 +276,15 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
         cfg.deepspeed_config,
     )
     args, bf16 = _arguments(cfg, ckpt_dir, world_size)
-    run = _fit(params, model, tokenizer, train_features, val_features, args, ckpt_dir)
+    sessions: list[dict[str, Any]] = []
+    if is_rank_zero():
+        resume = last_complete_checkpoint(ckpt_dir)
+        start = checkpoint_step(resume) if resume is not None else 0
+        sessions = record_session(ckpt_dir, start or 0, session_setup(world_size, threads))
+    callbacks = _callbacks(params, tokenizer, val_rows)
+    with nondeterministic_ops() as alerts:
+        run = _fit(params, model, tokenizer, train_features, val_features, args, ckpt_dir, callbacks)
+    val_generation_seconds = sum(getattr(c, "seconds", 0.0) for c in callbacks)
     if not is_rank_zero():
         return {}
     out_dir = _save_final(params, run["weights"], tokenizer, base_dir)
@@ -244,6 +293,11 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
         **_measure(params, out_dir, tokenizer, base_dir, val_rows, run),
         "steps_run": run["steps_run"],
         "seconds": round(run["seconds"], 1),
+        "selected_by": cfg.select_by,
+        "selected_step": run["selected_step"],
+        # Validation generation runs inside the training time above; this is its share of it.
+        "val_generation_seconds": round(val_generation_seconds, 1),
+        "val_generation_share": round(val_generation_seconds / run["seconds"], 4) if run["seconds"] else None,
         "tokens_per_second": round(run["tokens"] / run["seconds"], 1) if run["seconds"] else None,
         "samples_per_second": round(run["steps_run"] * cfg.batch_size * cfg.gradient_accumulation_steps * world_size
                                     / run["seconds"], 2) if run["seconds"] else None,
@@ -251,11 +305,13 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
         "total_params": total,
         "peak_rss_mb": peak_rss_mb(),
         "gpu_peak_memory_mb": _gpu_peak_mb(),
+        "target_length_limit": target_limit,
         **{f"{split}_{k}": v for split, cuts in (("train", train_cuts), ("val", val_cuts)) for k, v in cuts.items()},
         "deepspeed_config": str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
         "num_processes": world_size,
         "threads_per_process": threads,
         "bf16": bf16,
+        **determinism(sessions, alerts, cfg.seed),
     }
     write_json(params.layout.metrics_file(STAGE), metrics)
     log.info("train: val loss %.4f (base %.4f) after %d steps; wrote %s",
@@ -265,11 +321,7 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
 
 def _with_lora(model: Any, lora: Any) -> Any:
     """The model wrapped with a PEFT LoRA adapter of params `train.lora`."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else list(lora.target_modules)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return with_lora(model, lora)
 
 
 def _arguments(cfg: Any, ckpt_dir: Path, world_size: int) -> tuple[Any, bool]:
@@ -291,8 +343,38 @@ def _arguments(cfg: Any, ckpt_dir: Path, world_size: int) -> tuple[Any, bool]:
         bf16=bf16,
         ddp_backend="gloo" if world_size > 1 and not on_gpu else None,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        **_selection_arguments(cfg),
     )
     return args, bf16
+
+
+def _selection_arguments(cfg: Any) -> dict[str, Any]:
+    """How the Trainer keeps and reloads the checkpoint `train.select_by` picks (its own best-model machinery)."""
+    if cfg.select_by == "last":
+        return {}
+    return {
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "rouge-l" if cfg.select_by == "rouge-l" else "loss",
+        "greater_is_better": cfg.select_by == "rouge-l",
+    }
+
+
+def _callbacks(params: StageParams, tokenizer: Any, val_rows: list[dict[str, Any]]) -> list[Any]:
+    """Validation ROUGE at every evaluation (when asked for) and early stopping (when asked for)."""
+    cfg = params.train
+    callbacks: list[Any] = []
+    if cfg.eval_generate_rows and val_rows:
+        from tasks.core.val_rouge import ValRougeCallback  # deferred: it subclasses transformers' TrainerCallback
+
+        settings = GenerationSettings.of(params)
+        callbacks.append(ValRougeCallback(tokenizer, val_rows[: cfg.eval_generate_rows], settings, params.data.language))
+    elif cfg.select_by == "rouge-l":
+        raise StageError("train.select_by=rouge-l needs val rows to generate for, and the val split is empty")
+    if cfg.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    return callbacks
 
 
 def _fit(
@@ -303,29 +385,34 @@ def _fit(
     val_features: list[dict[str, list[int]]],
     args: Any,
     ckpt_dir: Path,
+    callbacks: list[Any] = (),
 ) -> dict[str, Any]:
-    """Train from scratch or the newest complete checkpoint; save the trained weights (adapter or full).
+    """Train from scratch or the newest complete checkpoint; save the trained weights (adapter or full) of
+    the checkpoint `train.select_by` picks (the Trainer reloads it at the end).
 
     Returns:
-        `history` (the Trainer's log), `seconds`, `steps_run`, `tokens` (this session's), `start_step`
-        and `weights` (the folder holding the trained weights).
+        `history` (the Trainer's log), `seconds`, `steps_run`, `tokens` (this session's), `start_step`,
+        `selected_step` (the step whose weights are kept) and `weights` (the folder holding them).
     """
     stage_dir = params.layout.stage_dir(STAGE)
     resume = last_complete_checkpoint(ckpt_dir)
     finished = _finished_state(resume)
     if finished is not None:
         # The Trainer would run one extra step when resumed at its last step; rebuild from the checkpoint.
-        log.info("%s already holds the last step (%d): rebuilding the model from it", resume, finished["global_step"])
+        best = _selected_checkpoint(finished, ckpt_dir, params.train.select_by) or resume
+        log.info("%s already holds the last step (%d): rebuilding the model from %s", resume, finished["global_step"], best)
         return {"history": finished["log_history"], "seconds": 0.0, "steps_run": 0, "tokens": 0,
-                "start_step": finished["global_step"], "weights": resume}
-    trainer, session = _make_trainer(model, tokenizer, train_features, val_features, args)
+                "start_step": finished["global_step"], "selected_step": checkpoint_step(best), "weights": best}
+    trainer, session = _make_trainer(model, tokenizer, train_features, val_features, args, callbacks)
     if resume is not None:
         log.info("resuming from %s", resume)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     seconds = time.perf_counter() - start
-    if not any("eval_loss" in e and e.get("step") == trainer.state.global_step for e in trainer.state.log_history):
-        trainer.evaluate()  # the curve ends on a validation point
+    last_evaluated = any("eval_loss" in e and e.get("step") == trainer.state.global_step for e in trainer.state.log_history)
+    if not last_evaluated and params.train.select_by == "last":
+        trainer.evaluate()  # the curve ends on a validation point (a reloaded best model would mislabel it)
+    selected = trainer.state.best_model_checkpoint if params.train.select_by != "last" else None
     weights = stage_dir / ("adapter" if params.train.method == "lora" else ".model.tmp")
     if is_rank_zero():
         shutil.rmtree(weights, ignore_errors=True)
@@ -333,7 +420,18 @@ def _fit(
     trainer.save_model(str(weights))
     return {"history": trainer.state.log_history, "seconds": seconds, "steps_run": len(session["steps"]),
             "tokens": trainer.state.num_input_tokens_seen - session["start_tokens"],
-            "start_step": session["start_step"], "weights": weights}
+            "start_step": session["start_step"],
+            "selected_step": checkpoint_step(Path(selected)) if selected else trainer.state.global_step,
+            "weights": weights}
+
+
+def _selected_checkpoint(state: dict[str, Any], ckpt_dir: Path, select_by: str) -> Path | None:
+    """The checkpoint a finished run's Trainer chose (`best_model_checkpoint`), found in `ckpt_dir`."""
+    best = state.get("best_model_checkpoint")
+    if select_by == "last" or not best:
+        return None
+    path = ckpt_dir / Path(best).name
+    return path if checkpoint_step(path) is not None else None
 
 
 def _save_final(params: StageParams, weights: Path, tokenizer: Any, base_dir: Path) -> Path:
@@ -344,7 +442,7 @@ def _save_final(params: StageParams, weights: Path, tokenizer: Any, base_dir: Pa
     if params.train.method == "lora":
         from peft import PeftModel
 
-        base, _ = load_model_and_tokenizer(base_dir, trust_remote_code=trust)
+        base = load_model(base_dir, trust_remote_code=trust)  # the tokenizer is in hand already
         save_model(PeftModel.from_pretrained(base, str(weights)).merge_and_unload(), tokenizer, tmp_dir)
     elif weights != tmp_dir:
         full, _ = load_model_and_tokenizer(weights, trust_remote_code=trust)
@@ -372,6 +470,7 @@ def _measure(
     val_loss = summary_loss(tuned, tokenizer, val_rows, **loss_kwargs)
     base_val_loss = summary_loss(base, base_tokenizer, val_rows, **loss_kwargs)
     rows = loss_rows(run["history"])
+    at_selected = [r.get("val_rouge_l") for r in rows if r["step"] == run["selected_step"]]
     plots = params.layout.plots_dir(STAGE)
     write_loss_curve(rows, plots / "loss.csv", plots / "loss.png", f"train ({cfg.method}): summary-token loss")
     # Mean of the last (up to) ten logged losses: one step's loss is too noisy to compare runs.
@@ -384,6 +483,8 @@ def _measure(
         "val_rows": len(val_rows),
         "steps": rows[-1]["step"] if rows else run["start_step"],
         "resumed_from_step": run["start_step"],
+        "val_rouge_l": at_selected[0] if at_selected else None,
+        "best_val_rouge_l": max((r["val_rouge_l"] for r in rows if r.get("val_rouge_l") is not None), default=None),
     }
 
 
@@ -407,6 +508,7 @@ def _make_trainer(
     train_features: list[dict[str, list[int]]],
     val_features: list[dict[str, list[int]]],
     args: Any,
+    callbacks: list[Any] = (),
 ) -> tuple[Any, dict[str, Any]]:
     """The HF Trainer, and a dict its callback fills with where this session started and which steps it ran."""
     from transformers import Trainer, TrainerCallback
@@ -432,6 +534,6 @@ def _make_trainer(
         eval_dataset=val_features,
         data_collator=lambda batch: collate_features(batch, pad_id),
         processing_class=tokenizer,
-        callbacks=[SessionRecorder()],
+        callbacks=[SessionRecorder(), *callbacks],
     )
     return trainer, session

@@ -1,8 +1,10 @@
 """validate: check the raw data set with a Great Expectations suite; write the clean rows and a report.
 
 The raw file is first checked by hand where `datasets` would give a vague error (missing path, empty
-file, a broken JSON line, bytes that are not UTF-8), then loaded with `datasets`, mapped to the
-canonical columns `id`/`text`/`summary`, normalised, and validated by a Great Expectations 1.x suite
+file, a broken JSON line, bytes that are not UTF-8), then loaded with `datasets` (a CSV with or without
+the UTF-8 byte-order mark Excel writes, `\n` or `\r\n` line ends, quoted multi-line cells), mapped to the
+canonical columns `id`/`text`/`summary`, normalised (line breaks kept, control characters removed and
+counted), and validated by a Great Expectations 1.x suite
 built from `params.validate`. Rows that fail a row-level expectation are dropped and counted per
 reason; the stage fails when the dropped share passes `validate.max_dropped_share` or a table-level
 expectation (columns, duplicate share, language share, unique ids) fails.
@@ -63,15 +65,21 @@ REASON_BY_COLUMN = {
 
 # Invisible characters that survive NFC and whitespace collapsing but split otherwise equal texts.
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
-# `\s` in Python's Unicode mode covers U+3000 (ideographic space), NBSP, tabs and newlines.
-_WHITESPACE = re.compile(r"\s+")
+# Line ends of every platform, and Unicode's line and paragraph separators, become `\n`.
+_LINE_END = re.compile("\r\n?|[\u2028\u2029]")
+# Control characters (C0, DEL, C1) but tab and line feed (`\r` is a line end by then): NUL, BEL, ESC...
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Whitespace but the line feed: in Python's Unicode mode `\s` covers U+3000 (ideographic space), NBSP and tabs.
+_SPACES = re.compile(r"[^\S\n]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 _LETTER_RUN = re.compile(r"[^\W\d_]+")
 _ASCII_WORD = re.compile(r"[A-Za-z]+")
 
 
 def normalize_text(text: str, unicode_form: str) -> str:
-    """Normalise one text: Unicode form, invisible characters removed, whitespace collapsed.
+    """Normalise one text: Unicode form, control and invisible characters removed, whitespace collapsed
+    within each line, line breaks kept (see `clean_text`).
 
     NFC (the default) only composes equivalent code point sequences, so it never changes what a
     reader sees. NFKC is not safe for Chinese summaries: it rewrites full-width punctuation and
@@ -86,10 +94,31 @@ def normalize_text(text: str, unicode_form: str) -> str:
     Returns:
         The normalised text (may be empty).
     """
+    return clean_text(text, unicode_form)[0]
+
+
+def clean_text(text: str, unicode_form: str) -> tuple[str, int]:
+    """Normalise one text and count the control characters it lost.
+
+    Line breaks carry meaning (dialogue turns `#Person1#: …\n#Person2#: …`, paragraphs, one highlight
+    per line), so they stay: line ends become `\n`, each line's whitespace collapses to one space and is
+    trimmed, and runs of blank lines shrink to one. Control characters other than tab and line break
+    (`\x00`, `\x07`, ESC, DEL, C1) are removed and counted; tabs become spaces.
+
+    Args:
+        text: the raw text.
+        unicode_form: `NFC`, `NFKC` or `none` (as `normalize_text`).
+
+    Returns:
+        The normalised text (may be empty) and the number of control characters removed.
+    """
     if unicode_form != "none":
         text = unicodedata.normalize(unicode_form, text)
+    text = _LINE_END.sub("\n", text)
+    text, controls = _CONTROL.subn("", text)
     text = _INVISIBLE.sub("", text)
-    return _WHITESPACE.sub(" ", text).strip()
+    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip("\n"), controls
 
 
 def cjk_ratio(text: str) -> float:
@@ -222,13 +251,16 @@ def load_table(path: Path, fmt: str) -> RawTable:
     lines = check_file(path, fmt)
     kwargs: dict[str, Any] = {}
     if fmt == "csv":
-        with path.open(encoding="utf-8", newline="") as f:
+        # utf-8-sig reads a file with or without the byte-order mark Excel writes ("UTF-8 CSV"); plain
+        # utf-8 would keep it in the first column's name, which then matches no feature nor data.id_column.
+        with path.open(encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f), [])
         # All strings: pandas would turn id "007" into 7 and the text "NA" into a missing value.
         kwargs.update(
             features=datasets.Features({c: datasets.Value("string") for c in header}),
             keep_default_na=False,
             na_values=[""],
+            encoding="utf-8-sig",
         )
     # A throwaway cache: the raw file is read once per run, and a shared cache would keep every version.
     with tempfile.TemporaryDirectory(prefix="sftflow-validate-") as cache:
@@ -297,9 +329,16 @@ def canonical_frame(raw: RawTable, data: DataConfig, cfg: ValidateConfig, mode: 
         texts = [_as_text(v) for v in frame[data.text_column]]
         summaries = [_as_text(v) for v in frame[data.summary_column]]
 
+    controls = [0] * len(frame)
+
     def clean(values: list[str | None]) -> list[str | None]:
-        out = [normalize_text(v, cfg.unicode_form) if v is not None else None for v in values]
-        return [v or None for v in out]
+        out: list[str | None] = []
+        for i, v in enumerate(values):
+            if v is not None:
+                v, removed = clean_text(v, cfg.unicode_form)
+                controls[i] += removed
+            out.append(v or None)
+        return out
 
     if data.id_column and data.id_column in frame.columns:
         ids = [_as_text(v) for v in frame[data.id_column]]
@@ -320,6 +359,7 @@ def canonical_frame(raw: RawTable, data: DataConfig, cfg: ValidateConfig, mode: 
             "id": ids,
             "text": clean(texts),
             "summary": clean(summaries),
+            "control_chars": controls,
         }
     )
     out["text_len"] = out["text"].map(lambda t: len(t) if isinstance(t, str) else None).astype("Float64")
@@ -526,6 +566,8 @@ def _write_outputs(
             "rows_out": report["rows_out"],
             "dropped_share": report["dropped_share"],
             "dropped": report["dropped"],
+            "control_characters_removed": report["control_characters_removed"],
+            "rows_with_control_characters": report["rows_with_control_characters"],
             "expectations_failed": len(report["failures"]),
         },
     )
@@ -558,6 +600,8 @@ def run(params: StageParams) -> dict[str, Any]:
         "rows_out": 0,
         "dropped_share": 0.0,
         "dropped": {},
+        "control_characters_removed": 0,
+        "rows_with_control_characters": 0,
         "failures": [],
     }
     try:
@@ -576,6 +620,13 @@ def run(params: StageParams) -> dict[str, Any]:
         logger.info("no %r/%r columns: reading alpaca instruction+input -> text, output -> summary", data.text_column, data.summary_column)
 
     frame = canonical_frame(raw, data, cfg, mode)
+    report["control_characters_removed"] = int(frame["control_chars"].sum())
+    report["rows_with_control_characters"] = int((frame["control_chars"] > 0).sum())
+    if report["control_characters_removed"]:
+        logger.warning(
+            "removed %d control characters from %d rows (texts and summaries)",
+            report["control_characters_removed"], report["rows_with_control_characters"],
+        )
     result = run_suite(frame, _expectations(cfg, data), ["row", "id"])
     dropped_rows, outcome = _row_outcome(result, frame, cfg, n)
     kept = frame[~frame["row"].isin(dropped_rows)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.io import file_sha256, write_json, write_jsonl
+from tasks.core.io import dir_sha256, file_sha256, write_json, write_jsonl
 
 _STORE_ROOT: list[Path] = []  # one sqlite store per test session: creating its tables takes seconds
 
@@ -26,8 +26,11 @@ def sqlite_store(tmp_path_factory):
     root = _STORE_ROOT[0]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        # setup_mlflow sets the registry URI too, and mlflow exports it as MLFLOW_REGISTRY_URI: undone below.
+        mp.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{root / 'mlflow.db'}")
         yield root
     mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
 
 
 def write_test_split(params, rows: list[dict]) -> Path:
@@ -55,6 +58,6 @@ def build_upstream(params, model_dir: Path, rows: list[dict], rouge_l: list[floa
     write_json(
         params.layout.metrics_file("evaluate"),
         {"rouge-1": mean + 5, "rouge-2": mean / 2, "rouge-l": mean, "bleu-4": 1.0, "test_rows": len(rows),
-         "test_sha256": file_sha256(test_path), "base": {"rouge-l": 0.5}},
+         "test_sha256": file_sha256(test_path), "model_sha256": dir_sha256(target), "base": {"rouge-l": 0.5}},
     )
     write_json(params.layout.metrics_file("validate"), {"success": True, "rows": 120})

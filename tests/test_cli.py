@@ -60,8 +60,10 @@ def test_params_command_prints_every_key_and_the_markdown(capsys):
     assert lines[0].split() == ["KEY", "TYPE", "DEFAULT", "DESCRIPTION"]
     keys = [line.split()[0] for line in lines[1:]]
     assert keys == list(Params().flat())  # one line per key when not on a terminal
-    row = next(line for line in lines if line.startswith("evaluate.max_new_tokens "))
-    assert row.split()[1:4] == ["int", ">", "0"] and " 48 " in row and "new tokens" in row
+    row = next(line for line in lines if line.startswith("evaluate.batch_size "))
+    assert row.split()[1:4] == ["int", ">", "0"] and " 32 " in row and "batch" in row.lower()
+    auto = next(line for line in lines if line.startswith("evaluate.max_new_tokens "))
+    assert auto.split()[1:4] == ["int", "|", "{auto}"] and " auto " in auto and "new tokens" in auto
     assert main(["params", "--markdown"]) == 0
     assert capsys.readouterr().out == markdown()
 

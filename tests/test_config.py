@@ -133,3 +133,20 @@ def test_overrides_are_typed_like_yaml():
     assert params.data.id_column is None and params.validate.unicode_form == "NFKC"
     with pytest.raises(ParamsError, match="must look like section.key=value"):
         load_params(ROOT / "params.yaml", ["split.train"])
+
+
+def test_params_digest_covers_only_what_changes_the_model_or_its_scores():
+    from tasks.core.config import MODEL_SECTIONS, Params
+
+    base = Params()
+    for key, value in (("serve.port", 7999), ("promote.min_delta", 2.0), ("register.model_name", "other"), ("paths.plots", "p2")):
+        section, field = key.split(".")
+        changed = base.model_copy(deep=True)
+        setattr(getattr(changed, section), field, value)
+        assert changed.digest() == base.digest(), key
+    for key, value in (("train.learning_rate", 0.01), ("evaluate.max_new_tokens", 9), ("data.language", "en")):
+        section, field = key.split(".")
+        changed = base.model_copy(deep=True)
+        setattr(getattr(changed, section), field, value)
+        assert changed.digest() != base.digest(), key
+    assert "serve" not in MODEL_SECTIONS and "quantize" in MODEL_SECTIONS

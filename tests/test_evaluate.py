@@ -33,7 +33,9 @@ def stage_params(tmp_path, tiny_overrides, tiny_model_dir):
             if p.dim() == 2:
                 p.normal_(0, 0.3, generator=g)
     save_model(model, tokenizer, tmp_path / "artifacts" / "train" / "model")
-    overrides = tiny_overrides + [f"evaluate.cache_dir={tmp_path / 'cache'}", "evaluate.baseline_max_k=15"]
+    # No decoding search here: these tests count generations (tests/test_evaluate.py's tune tests turn it on).
+    overrides = tiny_overrides + [f"evaluate.cache_dir={tmp_path / 'cache'}", "evaluate.baseline_max_k=15",
+                                  "evaluate.tune_decoding=false"]
     return load_params(ROOT / "params.yaml", overrides)
 
 
@@ -47,6 +49,9 @@ def test_evaluate_stage_end_to_end(stage_params, monkeypatch):
 
     metrics = evaluate.run(stage_params)
     assert len(calls) == 2  # fine-tuned and base
+    for outputs in (metrics["outputs"], metrics["base"]["outputs"], metrics["baseline"]["outputs"]):
+        assert set(outputs) == {"distinct_share", "repeat_share", "mean_length", "reference_mean_length", "length_ratio"}
+        assert 0 < outputs["distinct_share"] <= 1 and 0 <= outputs["repeat_share"] <= 1
 
     out = stage_params.layout.stage_dir("evaluate")
     test_file = stage_params.layout.stage_dir("split") / "test.jsonl"
@@ -118,3 +123,103 @@ def test_missing_model_names_the_fix(stage_params):
     shutil.rmtree(stage_params.layout.stage_dir("pretrain") / "model")
     with pytest.raises(StageError, match="score_base=false"):
         run(stage_params)
+
+
+def test_a_change_in_the_generating_code_is_never_served_from_the_cache(stage_params, monkeypatch, tmp_path):
+    """The cache key holds the source of the code that generates: edit it and the models generate anew."""
+    import sys
+
+    from tasks import evaluate
+    from tasks.core import evaluation
+
+    probe = tmp_path / "probe_pkg"
+    probe.mkdir()
+    (probe / "sftflow_generation_probe.py").write_text("STOP_AFTER = 1\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(probe))
+    monkeypatch.setattr(evaluation, "GENERATING_MODULES", (*evaluation.GENERATING_MODULES, "sftflow_generation_probe"))
+    calls = []
+    real_generate = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    evaluation._sources_sha256.cache_clear()
+    evaluate.run(stage_params)
+    evaluate.run(stage_params)
+    assert len(calls) == 2  # the second run came from the cache
+    (probe / "sftflow_generation_probe.py").write_text("STOP_AFTER = 2\n", encoding="utf-8")
+    evaluation._sources_sha256.cache_clear()  # a new stage process reads the sources afresh
+    evaluate.run(stage_params)
+    assert len(calls) == 4  # fine-tuned and base generated again
+    sys.modules.pop("sftflow_generation_probe", None)
+
+
+def test_the_cache_key_names_runtime_device_and_dtype(stage_params):
+    from tasks.core.evaluation import Evaluator, model_placement, runtime_versions
+
+    evaluator = Evaluator.of(stage_params)
+    rows = read_jsonl(stage_params.layout.split("test"))[:2]
+    assert set(runtime_versions()) == {"torch", "transformers", "tokenizers"}
+    assert model_placement(None) == {"device": "cpu", "dtype": "torch.float32"}
+
+    class Half:  # a loaded model in another dtype is another generation
+        device = type("D", (), {"type": "cpu"})()
+        dtype = "torch.bfloat16"
+
+    assert evaluator.cache_key("m", rows) != evaluator.cache_key("m", rows, Half())
+
+
+def test_decoding_is_chosen_on_val_rows_only_and_used_by_quantize_and_register(stage_params, monkeypatch):
+    from dataclasses import replace
+
+    from tasks import evaluate, register
+    from tasks.core import evaluation
+    from tasks.core.decoding import DECODING_GRID, apply_decoding, decoding_file
+    from tasks.core.generation import GenerationSettings
+
+    layout = stage_params.layout
+    val = read_jsonl(layout.split("val"))
+    test = read_jsonl(layout.split("test"))
+    calls = []
+    real_generate = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda m, t, texts, s, **k: calls.append((list(texts), s)) or real_generate(m, t, texts, s, **k))
+    stage_params.evaluate.tune_decoding = True
+    metrics = evaluate.run(stage_params)
+
+    # Tuning generates the val rows once per grid point, before the test split is touched at all.
+    val_texts, test_texts = [r["text"] for r in val], [r["text"] for r in test]
+    tuning = [s for texts, s in calls if texts == val_texts]
+    assert [{"no_repeat_ngram_size": s.no_repeat_ngram_size, "repetition_penalty": s.repetition_penalty} for s in tuning] == list(DECODING_GRID)
+    assert all(texts in (val_texts, test_texts) for texts, _ in calls)
+    assert [texts for texts, _ in calls[: len(DECODING_GRID)]] == [val_texts] * len(DECODING_GRID)
+    decoding = read_json(decoding_file(layout))
+    assert decoding["tuned"] and decoding["val_rows"] == len(val) and len(decoding["grid"]) == len(DECODING_GRID)
+    best = max(decoding["grid"], key=lambda p: p["rouge-l"])["rouge-l"]
+    chosen = {k: decoding[k] for k in ("no_repeat_ngram_size", "repetition_penalty")}
+    assert {**chosen, "rouge-l": best} in decoding["grid"]
+    assert metrics["decoding"] == {k: v for k, v in decoding.items() if k not in {"model_sha256", "params"}}
+    # The test split was generated with the choice, by both models.
+    assert [(s.no_repeat_ngram_size, s.repetition_penalty) for texts, s in calls if texts == test_texts] == [tuple(chosen.values())] * 2
+
+    # Other test rows (other references too) change nothing about the choice: it never reads them.
+    write_jsonl(layout.split("test"), [{**r, "summary": "无关"} for r in sample_rows(50)[40:50]])
+    stage_params.evaluate.cache_dir = stage_params.evaluate.cache_dir.parent / "cache2"
+    evaluate.run(stage_params)
+    assert read_json(decoding_file(layout))["grid"] == decoding["grid"]
+
+    # quantize and register generate with the file's choice; one written for other weights or params is refused.
+    params_settings = GenerationSettings.of(stage_params)
+    assert apply_decoding(params_settings, decoding_file(layout), decoding["model_sha256"]) == replace(params_settings, **chosen)
+    assert {k: register.generation_settings(stage_params)[k] for k in chosen} == chosen
+    with pytest.raises(StageError, match="other weights"):
+        apply_decoding(params_settings, decoding_file(layout), "0" * 64)
+    with pytest.raises(StageError, match="re-run `sftflow evaluate`"):
+        apply_decoding(replace(params_settings, repetition_penalty=1.5), decoding_file(layout))
+    assert apply_decoding(params_settings, layout.stage_dir("evaluate") / "absent.json") == params_settings
+
+
+def test_tuning_needs_val_rows(stage_params):
+    from tasks.core.decoding import choose_decoding
+    from tasks.core.evaluation import Evaluator
+
+    with pytest.raises(StageError, match="val split is empty"):
+        choose_decoding(Evaluator.of(stage_params), "unused", [], "zh")
+    with pytest.raises(StageError, match="grid is empty"):
+        choose_decoding(Evaluator.of(stage_params), "unused", [{"text": "a", "summary": "b"}], "zh", grid=())

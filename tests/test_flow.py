@@ -86,6 +86,20 @@ def test_metrics_table_reads_the_stage_files(tmp_path):
     assert "| quantized int8 | – | – | 30.90 | – |" in lines
 
 
+def test_outputs_table_reads_what_evaluate_noticed(tmp_path):
+    from flows.report import outputs_table
+
+    params = load_params(ROOT / "params.yaml", [f"paths.metrics={tmp_path}"])
+    (tmp_path / "evaluate.json").write_text(json.dumps({
+        "outputs": {"distinct_share": 0.456, "repeat_share": 0.5, "length_ratio": 1.234},
+        "baseline": {"outputs": {"distinct_share": 1.0, "repeat_share": 0.0, "length_ratio": 1.0}},
+    }))
+    lines = outputs_table(params).splitlines()
+    assert "| fine-tuned model | 46% | 50% | 1.23 |" in lines
+    assert "| base model | – | – | – |" in lines
+    assert "| lead-k baseline | 100% | 0% | 1.00 |" in lines
+
+
 def test_retries_only_on_io_tasks():
     from flows import io_tasks
     from flows.dvc_stage import STAGE_TASKS
@@ -208,6 +222,8 @@ def test_flow_cold_run_registers_and_promotes(project, harness):
     for name in [*DVC_STAGES, "check-trigger", "push", "log-to-mlflow", "register", "promote"]:
         assert states.get(name) == "COMPLETED", (name, states)
     assert _versions() == [1] and _champion() == 1
+    # A fresh clone's run is not "dirty": the run's own dvc.lock, params.yaml and .gitignore writes are no code change.
+    assert mlflow.MlflowClient().get_model_version("sftflow-summarizer", "1").tags["code.dirty"] == "false"
     run = mlflow.MlflowClient().get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert "evaluate.rouge-l" in run.data.metrics
@@ -243,6 +259,34 @@ def test_flow_evaluate_change_reruns_evaluate_onwards(project, harness):
     assert result["promotion"]["version"] == 2
     states = _task_states(result["flow_run_id"])
     assert states["register"] == states["promote"] == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_flow_serve_change_makes_no_new_version(project, harness):
+    """`serve:` changes neither the model nor its scores: no stage runs, nothing is registered again."""
+    before = _versions()
+    result = _run_flow(project, overrides=["serve.port=7999"])
+    assert result["status"] == "nothing changed", result
+    assert _versions() == before
+
+
+@pytest.mark.slow
+def test_a_change_in_the_generating_code_regenerates_under_dvc_repro(project):
+    """dvc.yaml re-runs evaluate when generation code changes; the generation cache must not hand back old text."""
+    source = project / "tasks" / "core" / "generation.py"
+    original = source.read_text(encoding="utf-8")
+    dvc = Path(sys.executable).parent / "dvc"
+    env = {**os.environ, "PYTHONPATH": str(project), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        source.write_text(original + "\n_CACHE_PROBE = 1  # a change to the code that generates\n", encoding="utf-8")
+        out = subprocess.run([str(dvc), "repro", "--single-item", "evaluate"], cwd=project, env=env,
+                             capture_output=True, text=True, check=False)
+    finally:
+        source.write_text(original, encoding="utf-8")
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "Running stage 'evaluate'" in log
+    assert "generation cache hit" not in log, log[-3000:]
 
 
 @contextlib.contextmanager

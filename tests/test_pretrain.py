@@ -1,12 +1,13 @@
 import math
 
 import pytest
+import torch
 from conftest import ROOT, write_tiny_splits
 from safetensors.torch import load_file
 
-from tasks.core.config import load_params
+from tasks.core.config import ParamsError, load_params
 from tasks.core.errors import StageError
-from tasks.core.io import read_json, write_json
+from tasks.core.io import file_sha256, read_json, write_json
 from tasks.core.modeling import load_model_and_tokenizer
 from tasks.pretrain import pack_blocks, run
 
@@ -44,6 +45,19 @@ def test_scratch_base_without_pretraining_is_an_error(params_for):
         run(params_for("pretrain.enabled=false"))
 
 
+def test_a_real_base_with_default_params_is_not_pretrained(tmp_path, params_for, tiny_model_dir):
+    # `-S model.base=<dir>` and nothing else: pretrain.enabled is auto, so the base reaches train as it was.
+    before = load_file(tiny_model_dir / "model.safetensors")
+    params = params_for(f"model.base={tiny_model_dir}")
+    assert params.pretrain.enabled == "auto"
+    metrics = run(params)
+    assert metrics["base"] == str(tiny_model_dir) and not metrics["pretrained"] and metrics["pretrain_method"] is None
+    assert "steps" not in metrics and not (tmp_path / "plots" / "pretrain" / "loss.csv").exists()
+    after = load_file(tmp_path / "artifacts" / "pretrain" / "model" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(after[k].dtype == before[k].dtype for k in before)
+
+
 def test_local_base_is_copied_or_pretrained(tmp_path, params_for, tiny_model_dir):
     before = load_file(tiny_model_dir / "model.safetensors")
     out = tmp_path / "artifacts" / "pretrain" / "model" / "model.safetensors"
@@ -53,13 +67,42 @@ def test_local_base_is_copied_or_pretrained(tmp_path, params_for, tiny_model_dir
     after = load_file(out)
     assert all((before[k] == after[k]).all() for k in before)
 
-    # select's choice wins over model.base; continued pretraining changes every weight
+    # select's choice wins over model.base; continued pretraining (train.method full) changes every weight,
+    # at its own learning rate
     write_json(tmp_path / "artifacts" / "select" / "choice.json", {"base": str(tiny_model_dir)})
-    metrics = run(params_for("pretrain.max_steps=2"))
+    metrics = run(params_for("pretrain.max_steps=2", "pretrain.enabled=true", "pretrain.continued_learning_rate=0.001"))
     assert metrics["base_source"].endswith("choice.json") and metrics["pretrained"]
+    assert metrics["pretrain_method"] == "full" and metrics["learning_rate"] == 0.001
     after = load_file(out)
     unchanged = [k for k in before if (before[k] == after[k]).all()]
     assert not unchanged, f"parameters not updated by pretraining: {unchanged}"
+
+
+def test_continued_pretraining_goes_through_lora_when_train_does(tmp_path, params_for, tiny_model_dir):
+    before = load_file(tiny_model_dir / "model.safetensors")
+    corpus = tmp_path / "extra.txt"
+    corpus.write_text("水运工程施工项目全过程管理。\n\n基于深度学习的文本摘要方法研究。\n", encoding="utf-8")
+    metrics = run(params_for(
+        f"model.base={tiny_model_dir}", "pretrain.enabled=true", "pretrain.max_steps=2", "train.method=lora",
+        "train.lora.target_modules=[q_proj, v_proj]", "pretrain.continued_learning_rate=0.01", f"pretrain.corpus=[{corpus}]",
+    ))
+    assert metrics["pretrain_method"] == "lora" and metrics["learning_rate"] == 0.01
+    assert metrics["corpus_documents"] == 2 and metrics["corpus_sha256"] == {str(corpus): file_sha256(corpus)}
+    after = load_file(tmp_path / "artifacts" / "pretrain" / "model" / "model.safetensors")
+    assert before.keys() == after.keys(), "the adapter is merged: the saved model has the base's parameters"
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+
+
+def test_corpus_files_are_checked_and_need_pretraining(tmp_path, params_for, tiny_model_dir):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(ParamsError, match=f"pretrain.corpus: {missing} does not exist"):
+        run(params_for(f"pretrain.corpus=[{missing}]"))
+    present = tmp_path / "extra.txt"
+    present.write_text("一些文本", encoding="utf-8")
+    # a real base under `auto` is not pretrained, so listing a corpus is a mistake, not silently ignored
+    with pytest.raises(ParamsError, match="pretrain.enabled is auto"):
+        run(params_for(f"model.base={tiny_model_dir}", f"pretrain.corpus=[{present}]"))
 
 
 def test_pack_blocks_joins_documents_with_eos(tiny_model_dir):

@@ -3,6 +3,8 @@ racing promotions, and re-scoring a champion whose cached scores are for another
 
 from __future__ import annotations
 
+import json
+
 import threading
 
 import pytest
@@ -61,15 +63,19 @@ def test_gate_promotes_only_a_significantly_better_model(store, tiny_overrides, 
     assert recorded.tags["promote.decision"] == "champion" and recorded.metrics["promote.delta"] == pytest.approx(8.5)
     assert better["decision"] == "champion" and better["previous_champion"] == v1
     assert better["delta"] == pytest.approx(8.5) and better["low"] > 0
-    assert _aliases("gate") == {"champion": v2, "challenger": v2}
+    assert _aliases("gate") == {"champion": v2}  # one alias per meaning: the champion is not also challenger
     assert _tags("gate", v2)["promote.decision"] == "champion"
     assert _tags("gate", v1)["promote.decision"] == "replaced"
+    described = mlflow.MlflowClient().get_model_version("gate", str(v2)).description
+    assert described.startswith("champion (") and "ROUGE-L +8.50" in described and f"over version {v1}" in described
+    assert mlflow.MlflowClient().get_model_version("gate", str(v1)).description.startswith(f"replaced as champion by version {v2}")
 
     v3 = _register(params, tiny_model_dir, [s + 3 for s in BASE])  # worse than v2
     worse = promote.run(params)
     assert worse["decision"] == "challenger" and worse["delta"] == pytest.approx(3 - 8.5)
     assert _aliases("gate") == {"champion": v2, "challenger": v3}
     assert _tags("gate", v3)["promote.decision"] == "challenger"
+    assert f"champion stays version {v2}" in mlflow.MlflowClient().get_model_version("gate", str(v3)).description
     assert _tags("gate", v2)["promote.decision"] == "defended" and _tags("gate", v2)["promote.last_challenger"] == str(v3)
 
     # Mean gain +1 but rows swing by ±10: the bootstrap's lower bound is below 0 -> noise.
@@ -169,7 +175,11 @@ def test_champion_is_rescored_on_a_new_test_split(store, tiny_overrides, tiny_mo
     assert result["champion_rescored"] is True and result["challenger_rescored"] is False
     assert result["champion_rouge-l"] < 40 and result["decision"] == "champion"
     assert _aliases("rescore")["champion"] == v2
-    cached = register.load_row_scores(_tags_run("rescore", v1), result["test_sha256"])
+    from tasks.core.registry import row_scores_key
+    from tasks.core.scoring import SCORING_VERSION
+
+    key = row_scores_key(result["test_sha256"], _tags("rescore", v1)["sftflow.settings_sha256"], SCORING_VERSION)
+    cached = register.load_row_scores(_tags_run("rescore", v1), key)
     assert sorted(cached) == sorted(r["id"] for r in new_rows)
 
 
@@ -177,3 +187,39 @@ def _tags_run(name, version):
     import mlflow
 
     return mlflow.MlflowClient().get_model_version(name, str(version)).run_id
+
+
+def test_champion_scored_by_an_older_scoring_version_is_rescored(store, tiny_overrides, tiny_model_dir, monkeypatch):
+    from tasks import promote, register
+
+    params = _params(tiny_overrides, "scoring-version")
+    _register(params, tiny_model_dir, [90.0] * len(ROWS))  # its stored scores: scoring version 1
+    promote.run(params)
+    # The scoring code changed (version 2): the challenger is registered with v2 scores, the champion's
+    # cached v1 scores must not be compared with them.
+    newer = promote.SCORING_VERSION + 1
+    monkeypatch.setattr(register, "SCORING_VERSION", newer)
+    monkeypatch.setattr(promote, "SCORING_VERSION", newer)
+    v2 = _register(params, tiny_model_dir, [40.0 + (i % 2) for i in range(len(ROWS))])
+    result = promote.run(params)
+    assert result["champion_rescored"] is True and result["challenger_rescored"] is False
+    assert result["scoring_version"] == newer
+    assert result["champion_rouge-l"] < 40 and result["decision"] == "champion"  # the untrained model rescored: ~0
+    assert _aliases("scoring-version") == {"champion": v2}
+
+
+def test_versions_with_different_settings_are_each_compared_as_registered(store, tiny_overrides, tiny_model_dir):
+    from tasks import promote
+
+    params = _params(tiny_overrides, "settings")
+    v1 = _register(params, tiny_model_dir, BASE)
+    promote.run(params)
+    shorter = _params(tiny_overrides, "settings", "evaluate.max_new_tokens=5")
+    v2 = _register(shorter, tiny_model_dir, [s + 8 + (i % 2) for i, s in enumerate(BASE)])
+    result = promote.run(shorter)
+    # Each version's own stored scores (made under its own settings) were used: nothing rescored.
+    assert result["champion_rescored"] is False and result["challenger_rescored"] is False
+    assert json.loads(result["champion_settings"])["max_new_tokens"] == 8
+    assert json.loads(result["challenger_settings"])["max_new_tokens"] == 5
+    assert json.loads(_tags("settings", v2)["promote.champion_settings"])["max_new_tokens"] == 8
+    assert result["decision"] == "champion" and result["previous_champion"] == v1

@@ -32,12 +32,17 @@ def test_register_records_lineage_and_safetensors_only(store, tiny_overrides, ti
 
     from tasks import register
     from tasks.core.io import file_sha256
+    from tasks.core.registry import row_scores_key
+    from tasks.core.scoring import SCORING_VERSION
 
     def git_head():
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     params = _params(tiny_overrides, "reg-lineage")
     build_upstream(params, tiny_model_dir, ROWS, [30.0 + i for i in range(len(ROWS))])
+    from tasks.core.io import write_json
+
+    write_json(params.layout.metrics_file("train"), {"deterministic": False, "deterministic_reason": "3 ranks: all-reduce order"})
     head_before = git_head()
     result = register.run(params, flow_run_id="flow-123")
     heads = {head_before, git_head()}  # others may commit to this checkout meanwhile
@@ -51,11 +56,15 @@ def test_register_records_lineage_and_safetensors_only(store, tiny_overrides, ti
     assert tags["model.base"] == "scratch"
     assert tags["validate.success"] == "true"
     assert tags["prefect.flow_run_id"] == "flow-123"
+    assert tags["train.deterministic"] == "false" and tags["train.deterministic_reason"] == "3 ranks: all-reduce order"
     assert tags["split.test_sha256"] == file_sha256(params.layout.stage_dir("split") / "test.jsonl")
-    assert float(tags["evaluate.rouge-l"]) == pytest.approx(34.5)
+    # Metrics live on the run; the version's tags hold lineage (and a hash of the metrics it was registered with).
+    assert not [k for k in tags if k.startswith("evaluate.rouge")]
     assert client.get_run(mv.run_id).data.metrics["evaluate.rouge-l"] == pytest.approx(34.5)
-    # Per-row scores for promotion are stored in the run, keyed by the test split hash.
-    assert register.load_row_scores(mv.run_id, tags["split.test_sha256"])[ROWS[2]["id"]] == pytest.approx(32.0)
+    assert json.loads(tags["sftflow.settings"])["max_new_tokens"] == 8 and len(tags["sftflow.settings_sha256"]) == 64
+    # Per-row scores for promotion are stored in the run, keyed by test split, settings and scoring version.
+    key = row_scores_key(tags["split.test_sha256"], tags["sftflow.settings_sha256"], SCORING_VERSION)
+    assert register.load_row_scores(mv.run_id, key)[ROWS[2]["id"]] == pytest.approx(32.0)
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/reg-lineage/{mv.version}"))
     files = [p for p in local.rglob("*") if p.is_file()]
@@ -83,6 +92,33 @@ def test_failed_run_registers_nothing(store, tiny_overrides, tiny_model_dir):
     with pytest.raises(StageError, match="evaluate.json does not exist"):
         register.run(params)
     assert mlflow.MlflowClient().search_model_versions("name='reg-failed'") == []
+
+
+def test_register_refuses_metrics_or_variants_of_other_weights(store, tiny_overrides, tiny_model_dir):
+    """`sftflow train` with new params, then `sftflow register` without evaluate/quantize: refused, nothing registered."""
+    import mlflow
+
+    from tasks import register
+    from tasks.core.errors import StageError
+    from tasks.core.io import dir_sha256, read_json, write_json
+
+    params = _params(tiny_overrides, "reg-stale")
+    build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
+    # The model is retrained (other weights): metrics/evaluate.json still describes the old ones.
+    config = params.layout.final_model / "config.json"
+    config.write_text(config.read_text(encoding="utf-8").replace("}", ', "retrained": true}', 1), encoding="utf-8")
+    with pytest.raises(StageError, match=r"evaluate.json was computed for other weights .* re-run `sftflow evaluate`"):
+        register.run(params)
+    # Evaluate again (its metrics now name these weights), but the int8 folder is the old model's.
+    metrics = read_json(params.layout.metrics_file("evaluate"))
+    write_json(params.layout.metrics_file("evaluate"), {**metrics, "model_sha256": dir_sha256(params.layout.final_model)})
+    _int8_variant(params, tiny_model_dir, drop=0.1)
+    marker = params.layout.variant_dir("int8") / "sftflow_quantization.json"
+    write_json(marker, {**read_json(marker), "source_sha256": "0" * 64})
+    with pytest.raises(StageError, match=r"quantized from other weights .* re-run `sftflow quantize`"):
+        register.run(params)
+    assert mlflow.MlflowClient().search_model_versions("name='reg-stale'") == []
+    assert mlflow.MlflowClient().search_model_versions("name='reg-stale-int8'") == []
 
 
 def test_champion_loads_in_fresh_process_and_matches_evaluate(store, tiny_overrides, tiny_model_dir):
@@ -119,17 +155,19 @@ def test_champion_loads_in_fresh_process_and_matches_evaluate(store, tiny_overri
 
 def _int8_variant(params, model_dir, drop):
     """The quantize stage's int8 folder (its own functions) and a metrics/quantize.json with the given drop."""
-    from tasks.core.io import write_json
+    from tasks.core.io import dir_sha256, write_json
     from tasks.core.modeling import load_model_and_tokenizer
     from tasks.core.variants import save_int8
     from tasks.quantize import quantize_int8
 
+    source = dir_sha256(params.layout.final_model)
     model, tokenizer = load_model_and_tokenizer(model_dir)
     _, tensors, layout = quantize_int8(model)
     folder = params.layout.stage_dir("quantize") / "int8"
-    save_int8(tensors, layout, model, tokenizer, folder)
+    save_int8(tensors, layout, model, tokenizer, folder, source_sha256=source)
     write_json(params.layout.metrics_file("quantize"), {"rows": len(ROWS), "int8.rouge-l": 30.0 - drop,
-                                                        "int8.rouge-l_drop": drop, "int8.passed": drop <= 1.0})
+                                                        "int8.rouge-l_drop": drop, "int8.passed": drop <= 1.0,
+                                                        "model_sha256": source})
     return folder
 
 
@@ -148,7 +186,8 @@ def test_quantized_variant_registered_loaded_and_gated(store, tiny_overrides, ti
     assert first["variants"] == {"int8": "models:/reg-variant-int8/1"}
     tags = mlflow.MlflowClient().get_model_version("reg-variant", str(first["version"])).tags
     assert tags["sftflow.variant.int8"] == "models:/reg-variant-int8/1"
-    assert float(tags["quantize.int8.rouge-l_drop"]) == pytest.approx(0.2)
+    run_metrics = mlflow.MlflowClient().get_run(first["run_id"]).data.metrics
+    assert run_metrics["quantize.int8.rouge-l_drop"] == pytest.approx(0.2)
 
     texts = [r["text"] for r in ROWS[:3]]
     model, tokenizer = load_quantized(folder)

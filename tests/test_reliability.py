@@ -34,7 +34,9 @@ from flow_helpers import (
 
 MODEL = "sftflow-summarizer"
 TRAIN_STEPS = 30  # long enough to be killed mid-epoch after a checkpoint (every 5 steps)
-PROJECT_OVERRIDES = [f"train.max_steps={TRAIN_STEPS}", "train.save_steps=5", "train.eval_steps=15"]
+# Checkpoints every 5 steps for the kill-and-resume scenarios; `last` because best-checkpoint selection
+# would need a checkpoint at every evaluation (save_steps a multiple of eval_steps).
+PROJECT_OVERRIDES = [f"train.max_steps={TRAIN_STEPS}", "train.save_steps=5", "train.eval_steps=15", "train.select_by=last"]
 RUN_TIMEOUT = 600.0
 
 
@@ -70,13 +72,18 @@ def world(tmp_path_factory):
             SFTFLOW_IO_RETRY_DELAY_SECONDS="0.2",
             OMP_NUM_THREADS="1",
         )
+        # An earlier in-process test (register, the real-model chains) may have set a registry URI, which
+        # mlflow also exports as MLFLOW_REGISTRY_URI: this module's client and runs use this server's.
+        env["MLFLOW_REGISTRY_URI"] = uri
         with pytest.MonkeyPatch.context() as mp:
-            for key in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+            for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
                 mp.setenv(key, env[key])
             mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
             yield {"root": root, "project": project, "env": env, "api": api, "uri": uri, "servers": state}
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
         stop_group(state["mlflow"])
         stop_group(prefect_proc)
 
@@ -267,8 +274,8 @@ def test_sigkill_during_each_stage_then_the_next_run_completes(world):
 @pytest.mark.slow
 def test_tracking_server_down_during_register_fails_then_registers_once(world):
     before, champion = _versions(), _champion()
-    # A parameter only register/promote read: a new version to register, no DVC stage to re-run.
-    run = FlowRun(world, "server-down", "-S", "promote.bootstrap_samples=40")
+    # The quantize gate's bound: only quantize re-runs (seconds), and the new params make a new version to register.
+    run = FlowRun(world, "server-down", "-S", "quantize.max_drop=1.5")
     run.wait_for("register to start", run.reached_register)  # polled fast: the server must die before register ends
     stop_group(world["servers"]["mlflow"])
     assert run.finish() == 1
@@ -447,3 +454,49 @@ def test_resume_passes_over_partial_checkpoints(tmp_path):
     prepare_checkpoints(ckpt_dir, fingerprint)
     assert sorted(p.name for p in ckpt_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     shutil.rmtree(ckpt_dir)
+
+
+# ------------------------------------------------------- 7. same inputs, same weights (issue 16, item 10)
+
+
+@pytest.mark.slow
+def test_train_in_fresh_processes_through_the_flow_and_plain_dvc_gives_identical_weights(tmp_path, monkeypatch):
+    """The train stage run twice from a clean artifacts/train on the same tiny inputs: once as the flow
+    runs it (`run_dvc_stage`: `dvc repro --single-item train` in `_subprocess_env`, with the
+    OMP_NUM_THREADS=1 the flow's tests and benchmarks set), once as a plain `dvc repro train` from a
+    shell with another OMP_NUM_THREADS, hash seed and tokenizers setting. The defaults that decide the
+    bits stay on: DeepSpeed ZeRO-2 and `train.torch_threads: 0` (threads from the machine). Before the
+    thread count stopped following OMP_NUM_THREADS, 1 thread and 3 threads trained different weights."""
+    from flows.dvc_stage import _subprocess_env, run_dvc_stage, write_overrides
+    from tasks.core.io import dir_sha256
+
+    project = make_tiny_project(tmp_path / "project")
+    write_overrides(project / "params.yaml", ["train.deepspeed_config=configs/deepspeed/zero2.json", "train.torch_threads=0"])
+    upstream = subprocess.run(
+        [str(BIN / "dvc"), "repro", "pretrain"], cwd=project, env=_subprocess_env(project), capture_output=True, text=True, check=False
+    )
+    assert upstream.returncode == 0, (upstream.stdout + upstream.stderr)[-3000:]
+    train_dir, metrics_file = project / "artifacts" / "train", project / "metrics" / "train.json"
+    loss_csv = project / "plots" / "train" / "loss.csv"
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("PYTHONHASHSEED", "1")
+    assert run_dvc_stage("train", str(project))["ran"]
+    via_flow = dir_sha256(train_dir / "model"), json.loads(metrics_file.read_text(encoding="utf-8")), loss_csv.read_text()
+
+    shutil.rmtree(train_dir)
+    metrics_file.unlink()
+    # A shell with the venv activated: its sftflow runs the installed checkout, the one copied above.
+    shell = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TOKENIZERS_PARALLELISM")}
+    shell.update(OMP_NUM_THREADS="3", PYTHONHASHSEED="2", PATH=str(BIN) + os.pathsep + os.environ.get("PATH", ""))
+    done = subprocess.run([str(BIN / "dvc"), "repro", "train"], cwd=project, env=shell, capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "Running stage 'train'" in done.stdout, (done.stdout + done.stderr)[-3000:]
+    plain = dir_sha256(train_dir / "model"), json.loads(metrics_file.read_text(encoding="utf-8")), loss_csv.read_text()
+
+    assert plain[2] == via_flow[2], "the per-step losses diverged"
+    assert plain[0] == via_flow[0], "same inputs, different weights"
+    for metrics in (via_flow[1], plain[1]):
+        assert metrics["deterministic"] is True, metrics["deterministic_reason"]
+        assert metrics["deepspeed_config"].endswith("zero2.json") and metrics["steps_run"] == metrics["steps"] > 0
+    assert via_flow[1]["threads_per_process"] == plain[1]["threads_per_process"]

@@ -1,4 +1,5 @@
-"""tasks/core/scoring.py: Chinese ROUGE by hand and against rouge-chinese, empty predictions, bootstrap."""
+"""tasks/core/scoring.py: Chinese ROUGE by hand and against rouge-chinese, English against rouge_score,
+empty predictions, bootstrap."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import pytest
 from conftest import sample_rows
 
-from tasks.core.scoring import METRICS, bootstrap_ci, paired_bootstrap, score, tokenize
+from tasks.core.scoring import METRICS, SCORING_VERSION, bootstrap_ci, paired_bootstrap, score, score_row, tokenize
 
 
 def test_chinese_rouge_worked_by_hand():
@@ -77,6 +78,42 @@ def test_english_is_lower_cased_word_tokens():
     assert half["rouge-1"] == pytest.approx(50, abs=1e-4)
 
 
+def test_english_rouge_is_stemmed_worked_by_hand():
+    # Porter stems of words over 3 letters: trains -> train, running -> run, runs -> run; "were" stays.
+    #   hypothesis: the train were run   reference: train run
+    #   ROUGE-1: 2 shared; P = 2/4, R = 2/2 -> F = 66.67; ROUGE-2: "train were", ... vs "train run": 0
+    #   ROUGE-L: LCS train .. run = 2 -> F = 66.67 (unstemmed, nothing would match: 0)
+    row = score_row("The trains were running.", "Train runs", "en")
+    assert row["rouge-1"] == pytest.approx(200 / 3, abs=1e-9)
+    assert row["rouge-2"] == 0.0
+    assert row["rouge-l"] == pytest.approx(200 / 3, abs=1e-9)
+
+
+def test_english_scores_equal_rouge_score_with_the_porter_stemmer():
+    from rouge_score.rouge_scorer import RougeScorer
+
+    pairs = [  # (hypothesis, reference): CNN/DailyMail-style highlights, one per line
+        ("Police arrested two men after the robberies in Leeds.", "Two men arrested after robberies.\nPolice in Leeds say more arrests may follow."),
+        ("The council's plans were rejected, residents said.", "Residents say the council rejected the plans.\nA vote is expected in June."),
+        ("Scientists discovered a new species of frogs in Peru's forests.", "New frog species discovered in Peru.\nIt was found by scientists studying forests."),
+        ("Shares fell 3% on Monday", "Shares fell by 3 per cent on Monday as markets reacted to the news."),
+        ("completely unrelated words here", "Storm hits the coast."),
+    ]
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    result = score([h for h, _ in pairs], [r for _, r in pairs], "en", bootstrap_samples=10)
+    for (hyp, ref), ours in zip(pairs, result["per_row"]):
+        theirs = scorer.score(ref, hyp)
+        assert ours["rouge-1"] == pytest.approx(100 * theirs["rouge1"].fmeasure, abs=1e-9)
+        assert ours["rouge-2"] == pytest.approx(100 * theirs["rouge2"].fmeasure, abs=1e-9)
+        assert ours["rouge-l"] == pytest.approx(100 * theirs["rougeL"].fmeasure, abs=1e-9)
+        assert score_row(hyp, ref, "en") == ours
+    assert len({round(o["rouge-1"], 6) for o in result["per_row"]}) == 5  # the pairs span different scores
+    # The stemmer is on: "arrested"/"robberies"/"discovered" match their stems, so stemmed > unstemmed here.
+    plain = RougeScorer(["rouge1"], use_stemmer=False).score(pairs[2][1], pairs[2][0])["rouge1"].fmeasure
+    assert result["per_row"][2]["rouge-1"] > 100 * plain
+    assert SCORING_VERSION == 2  # rouge_score for English: registry row scores of version 1 are not compared
+
+
 def test_reference_without_words_is_an_error_naming_the_row():
     with pytest.raises(ValueError, match="row 1"):
         score(["a", "b"], ["标题", "  "], "zh")
@@ -116,3 +153,20 @@ def test_paired_bootstrap():
     assert result["low"] < result["delta"] < result["high"]
     with pytest.raises(ValueError, match="same rows"):
         paired_bootstrap([1.0, 2.0], [1.0], samples=10, seed=0)
+
+
+def test_output_stats_by_hand():
+    from tasks.core.scoring import output_stats
+
+    predictions = ["基于国国国的研究", "基于国国国的研究", "深度学习方法", "图像分割"]
+    references = ["基于深度学习的研究", "一种方法", "深度学习方法研究", "图像分割"]
+    stats = output_stats(predictions, references, "zh")
+    assert stats["distinct_share"] == 3 / 4
+    assert stats["repeat_share"] == 2 / 4  # "国国国" twice; "研究" has no unit three times in a row
+    assert stats["mean_length"] == (8 + 8 + 6 + 4) / 4
+    assert stats["reference_mean_length"] == (9 + 4 + 8 + 4) / 4
+    assert stats["length_ratio"] == pytest.approx(6.5 / 6.25)
+    en = output_stats(["the the the cat", "a dog"], ["the cat sat", "a dog ran"], "en")
+    assert en["repeat_share"] == 0.5 and en["mean_length"] == 3.0 and en["length_ratio"] == 1.0
+    with pytest.raises(ValueError):
+        output_stats([], [], "zh")

@@ -7,6 +7,7 @@ hot-reload test moves the alias, so it runs last.
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
 import socket
 import time
@@ -26,6 +27,8 @@ CHROMIUM_ARGS = [
 ]
 POLL_SECONDS = 0.5
 MAX_CHARS = 300
+REVIEW_URL = "http://127.0.0.1:8501/"
+INT8_DROP = 0.25
 
 
 def _free_port() -> int:
@@ -34,9 +37,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _evaluate_metrics(rouge_l: float) -> dict[str, float]:
+    """What the flow logs from metrics/evaluate.json: ROUGE-1/2/L with their CIs for the model, its base and the
+    lead-k baseline (here the model's ROUGE-1 is ROUGE-L + 2, ROUGE-2 its fifth, intervals ±1; the base a quarter
+    of the model, the baseline 15 points above)."""
+    out = {}
+    for prefix, factor, shift in (("evaluate.", 1.0, 0.0), ("evaluate.base.", 0.25, 0.0), ("evaluate.baseline.", 1.0, 15.0)):
+        for metric, value in (("rouge-1", rouge_l + 2), ("rouge-2", rouge_l / 5), ("rouge-l", rouge_l)):
+            v = value * factor + shift
+            out |= {f"{prefix}{metric}": v, f"{prefix}{metric}_low": v - 1, f"{prefix}{metric}_high": v + 1}
+    return out
+
+
 def _register(model_dir: Path, params, rouge_l: float, int8: bool = False) -> tuple[str, str | None]:
-    """Register a model folder with a lineage tag and an evaluate metric in its run, and optionally its
-    int8 variant (quantized with the quantize stage's own functions); return (version, variant URI)."""
+    """Register a model folder with a lineage tag and the evaluate metrics in its run, and optionally its
+    int8 variant (quantized with the quantize stage's own functions, its quantize metrics logged);
+    return (version, variant URI)."""
     import mlflow
 
     from tasks.core.modeling import load_model_and_tokenizer
@@ -49,8 +65,9 @@ def _register(model_dir: Path, params, rouge_l: float, int8: bool = False) -> tu
     tags = {"data.sha256": "feed", "model.base": "scratch"}
     variant_uri = None
     with mlflow.start_run():
-        mlflow.log_metric("evaluate.rouge-l", rouge_l)
+        mlflow.log_metrics(_evaluate_metrics(rouge_l))
         if int8:
+            mlflow.log_metrics({"quantize.int8.rouge-l": rouge_l - INT8_DROP, "quantize.int8.rouge-l_drop": INT8_DROP})
             model, tokenizer = load_model_and_tokenizer(model_dir)
             _, tensors, layout = quantize_int8(model)
             save_int8(tensors, layout, model, tokenizer, model_dir.parent / "int8")
@@ -109,6 +126,7 @@ def served(tmp_path_factory, tiny_model_dir):
             "evaluate.max_new_tokens=8",
             f"serve.poll_seconds={POLL_SECONDS}",
             f"serve.max_chars={MAX_CHARS}",
+            f"serve.review_url={REVIEW_URL}",
         ])
         test_rows = [{"id": str(i), "text": r["text"][:200], "summary": r["summary"]} for i, r in enumerate(sample_rows(5))]
         write_jsonl(params.layout.stage_dir("split") / "test.jsonl", test_rows)
@@ -201,6 +219,23 @@ def test_page_in_headless_chromium_shows_the_summary(served, browser):
     try:
         page.goto(served["url"])
         expect(page.locator("#model-info")).to_contain_text(f"version {served['v1']}", timeout=30_000)
+        # The side panel: one table row per system, ROUGE-1/2/L as mean [95% CI] (v1: ROUGE-L 12.5, full precision).
+        table = page.locator("#model-info table")
+        expect(table.locator("th")).to_have_text(["", "ROUGE-1", "ROUGE-2", "ROUGE-L"])
+        expect(table.locator("tbody tr")).to_have_count(3)
+        expect(table.locator("tbody tr").nth(0)).to_have_text(
+            re.compile(rf"fine-tuned \(v{served['v1']}, full, served\)\s*14\.50 \[13\.50, 15\.50\]\s*2\.50 \[1\.50, 3\.50\]"
+                       r"\s*12\.50 \[11\.50, 13\.50\]"))
+        expect(table.locator("tbody tr").nth(1)).to_have_text(re.compile(r"base\s*3\.62 \[2\.62, 4\.62\]"))
+        expect(table.locator("tbody tr").nth(2)).to_have_text(re.compile(r"lead-k baseline\s*29\.50 \[28\.50, 30\.50\]"))
+        link = page.locator("#model-info a", has_text="review dashboard")
+        expect(link).to_have_attribute("href", REVIEW_URL)
+        # Raw tags and every metric are folded away until opened.
+        tag = page.locator("#model-info li", has_text="data.sha256")
+        expect(tag).to_be_hidden()
+        page.locator("#model-info summary", has_text="Lineage tags").click()
+        expect(tag).to_be_visible()
+        expect(tag).to_contain_text("feed")
         expect(page.get_by_text("Examples from the test split")).to_be_visible()
         page.locator("#input-text textarea").fill(text)
         page.locator("#summarize-button").click()
@@ -226,6 +261,23 @@ def test_stream_grows_token_by_token_and_ends_at_the_api_result(served):
     assert chunks[-1] == summarize(v2, text)
     # the page's "max new tokens" setting bounds the summary (one character per token here)
     assert len(list(stream_summary(v2, text, max_new_tokens=3))[-1]) == 3
+
+
+def test_the_app_loads_through_the_verified_loader_not_the_pyfunc(served, monkeypatch):
+    """No code from the artifact store runs in the app: `mlflow.pyfunc.load_model` is never called."""
+    import mlflow
+
+    from tasks.core.loading import MANIFEST_TAG
+    from tasks.serve import info_markdown, load_version, summarize
+
+    def never(*args, **kwargs):
+        raise AssertionError("the app called mlflow.pyfunc.load_model")
+
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", never)
+    params, client = served["params"], served["mlflow"]
+    v1 = load_version(params, client, client.get_model_version(params.register.model_name, served["v1"]))
+    assert summarize(v1, served["texts"][0]) == served["client"].predict(served["texts"][0], api_name="/summarize")
+    assert MANIFEST_TAG not in v1.tags and MANIFEST_TAG not in info_markdown(v1, params.register.model_name)
 
 
 def test_requests_in_flight_keep_their_version_across_a_swap(served):
@@ -278,6 +330,12 @@ def test_moving_the_alias_hot_reloads_the_app(served, browser):
         assert client.predict(text, api_name="/summarize") == expected
         expect(page.locator("#model-info")).to_contain_text(f"version {served['v2']}", timeout=30_000)
         expect(page.locator("#model-info")).to_contain_text(served["v2_int8"])
+        # The int8 variant serves now: its own row, ROUGE-L and drop from quantize, beside the full-precision scores.
+        rows = page.locator("#model-info table tbody tr")
+        expect(rows).to_have_count(4)
+        expect(rows.nth(0)).to_contain_text(f"fine-tuned (v{served['v2']}, full)")
+        expect(rows.nth(0)).to_contain_text("13.50 [12.50, 14.50]")
+        expect(rows.nth(1)).to_have_text(re.compile(rf"fine-tuned \(v{served['v2']}, int8, served\)\s*–\s*–\s*13\.25 \(drop 0\.25\)"))
     finally:
         page.close()
 
@@ -294,6 +352,51 @@ def test_check_text_accepts_text_within_the_limit():
     for bad in ("", " ", "abcdef", None, ["a"]):
         with pytest.raises(gr.Error):
             check_text(bad, 5)
+
+
+def test_info_panel_tables_the_scores_links_the_dashboard_and_folds_the_tags():
+    from types import SimpleNamespace
+
+    from tasks.serve import ServedVersion, info_markdown
+
+    metrics = {"evaluate.rouge-1": 14.5, "evaluate.rouge-1_low": 13.0, "evaluate.rouge-1_high": 16.0,
+               "evaluate.rouge-l": 12.5, "evaluate.rouge-l_low": 11.25, "evaluate.rouge-l_high": 13.75,
+               "evaluate.baseline.rouge-l": 28.0,  # logged without its interval
+               "quantize.int8.rouge-l": 12.25, "quantize.int8.rouge-l_drop": 0.25, "quantize.int8.size_mb": 2.0}
+
+    def served(variant: str) -> ServedVersion:
+        return ServedVersion("7", variant, "models:/m/7", SimpleNamespace(device="cpu"), None, {}, metrics, {"data.sha256": "feed"})
+
+    text = info_markdown(served("bf16"), "m", "https://review.example.com/")
+    lines = text.splitlines()
+    assert "### Serving `m` version 7 (`@champion`)" in lines and "- variant: `bf16` on `cpu`" in lines
+    assert "- [review dashboard](https://review.example.com/): every version, why this one serves, outputs side by side" in lines
+    table = lines[lines.index("| | ROUGE-1 | ROUGE-2 | ROUGE-L |"):][:5]
+    assert table[2:] == [
+        "| fine-tuned (v7, bf16, served) | 14.50 [13.00, 16.00] | – | 12.50 [11.25, 13.75] |",
+        "| base | – | – | – |",  # base not evaluated (a real base model)
+        "| lead-k baseline | – | – | 28.00 |",
+    ]
+    # the tags and the full metric list sit in closed sections, after the table
+    assert text.index("<summary>Lineage tags (1)</summary>") > text.index("| lead-k baseline")
+    assert "<details open" not in text and "- `data.sha256`: `feed`" in text and "<summary>All metrics (10)</summary>" in text
+    # a quantized variant served: its ROUGE-L and drop get their own row; the first row is full precision
+    quantized = info_markdown(served("int8"), "m")
+    assert "| fine-tuned (v7, full) | 14.50 [13.00, 16.00] | – | 12.50 [11.25, 13.75] |" in quantized
+    assert "| fine-tuned (v7, int8, served) | – | – | 12.25 (drop 0.25) |" in quantized
+    assert "review dashboard" not in quantized  # serve.review_url empty: no link
+    assert "| fine-tuned (v7, bnb-nf4, served) | – | – | – |" in info_markdown(served("bnb-nf4"), "m")  # not measured
+
+
+def test_review_url_must_be_a_link():
+    from tasks.core.config import Params, ParamsError, load_params
+
+    assert Params().serve.review_url == ""
+    for good in ("http://127.0.0.1:8501", "https://review.example.com/x?y=1", "/review/"):
+        assert Params.model_validate({"serve": {"review_url": good}}).serve.review_url == good
+    for bad in ("javascript:alert(1)", "review.example.com", "http://a b", "http://x/)[y](z"):
+        with pytest.raises(ParamsError, match="serve.review_url"):
+            load_params(ROOT / "params.yaml", [f"serve.review_url={bad}"])
 
 
 def test_variant_comes_from_the_version_tag_or_full_precision_with_a_note(tiny_params):
@@ -340,9 +443,31 @@ def test_run_binds_localhost_without_share_and_reads_auth(monkeypatch, tiny_para
     monkeypatch.setenv("SFTFLOW_APP_AUTH", "no-colon")
     with pytest.raises(StageError, match="user:password"):
         serve.run(tiny_params)
-    monkeypatch.delenv("SFTFLOW_APP_AUTH")
+    monkeypatch.setenv("SFTFLOW_APP_AUTH", "ann:s3cret")
     serve.run(tiny_params, host="0.0.0.0", port=9000)
-    assert (launched["server_name"], launched["server_port"], launched["auth"]) == ("0.0.0.0", 9000, None)
+    assert (launched["server_name"], launched["server_port"], launched["auth"]) == ("0.0.0.0", 9000, ("ann", "s3cret"))
+    monkeypatch.delenv("SFTFLOW_APP_AUTH")
+    for loopback in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        serve.run(tiny_params, host=loopback)
+        assert (launched["server_name"], launched["auth"]) == (loopback, None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "app.example.com"])
+def test_run_refuses_a_non_loopback_host_or_share_link_without_auth(monkeypatch, tiny_params, host):
+    """Checked before any model loads: the message names the setting that fixes it."""
+    from tasks import serve
+
+    def no_server(params):
+        raise AssertionError("the champion was loaded before the exposure check")
+
+    monkeypatch.setattr(serve, "ChampionServer", no_server)
+    monkeypatch.delenv("SFTFLOW_APP_AUTH", raising=False)
+    monkeypatch.delenv("SFTFLOW_SHARE", raising=False)
+    with pytest.raises(StageError, match=f"refusing to serve on {host!r} without a login.*Set SFTFLOW_APP_AUTH=user:password"):
+        serve.run(tiny_params, host=host)
+    monkeypatch.setenv("SFTFLOW_SHARE", "1")
+    with pytest.raises(StageError, match="SFTFLOW_SHARE asks for a public share link, but SFTFLOW_APP_AUTH is not set"):
+        serve.run(tiny_params, host="127.0.0.1")
 
 
 def test_examples_come_from_the_test_split(tiny_params):
@@ -354,3 +479,30 @@ def test_examples_come_from_the_test_split(tiny_params):
     write_jsonl(tiny_params.layout.stage_dir("split") / "test.jsonl", rows)
     assert example_texts(tiny_params, n=3) == ["文本0", "文本1", "文本2"]
     assert example_texts(tiny_params)[-1] == "文本4"
+
+
+def test_streamed_output_equals_generate_with_repetition_controls(tiny_model_dir):
+    """With non-default repetition controls in a version's settings, the page's stream ends at exactly
+    what `generate` (evaluate, the pyfunc's predict, `/summarize`) writes."""
+    import torch
+
+    from tasks.core.generation import GenerationSettings, generate
+    from tasks.core.modeling import load_model_and_tokenizer
+    from tasks.serve import ServedVersion, stream_summary
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights that loop ("警警警…"), so the controls change the text
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.12, generator=g)
+    model.eval()
+    template = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："
+    plain = GenerationSettings(template, True, max_new_tokens=20, batch_size=4)
+    tuned = GenerationSettings(template, True, max_new_tokens=20, batch_size=4, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    texts = [r["text"][: 40 + 7 * i] for i, r in enumerate(sample_rows(4))]
+    expected = generate(model, tokenizer, texts, tuned)
+    assert expected != generate(model, tokenizer, texts, plain), "the controls must change the text for the test to mean anything"
+    served = ServedVersion("1", "full", "models:/m/1", model, tokenizer, {**tuned.to_dict(), "language": "zh"})
+    for text, want in zip(texts, expected):
+        assert list(stream_summary(served, text, tuned.max_new_tokens))[-1] == want

@@ -271,3 +271,47 @@ def test_bad_params_are_named_before_training(tmp_path, project, capsys):
     assert cli([*args, "-S", "train.batch_size=0"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
     assert not (tmp_path / "artifacts" / "train" / "model").exists()
+
+
+def test_the_kept_checkpoint_is_the_best_by_val_rouge_not_the_lowest_loss(tmp_path, base_dir, monkeypatch):
+    """Scripted val ROUGE-L (best at step 8) while the loss keeps falling: step 8's weights are the model."""
+    from tasks.core import val_rouge
+
+    scripted = iter([10.0, 30.0, 20.0, 5.0])  # evaluations at steps 4, 8, 12, 16
+    current = {}
+
+    def score_row(prediction, reference, language):
+        return {"rouge-l": current["value"]}
+
+    real_on_evaluate = val_rouge.ValRougeCallback.on_evaluate
+
+    def on_evaluate(self, *args, **kwargs):
+        current["value"] = next(scripted)
+        return real_on_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(val_rouge, "score_row", score_row)
+    monkeypatch.setattr(val_rouge.ValRougeCallback, "on_evaluate", on_evaluate)
+    metrics = run(params_of(_overrides_for(tmp_path, base_dir), "train.eval_generate_rows=4"))
+    rows = loss_csv(tmp_path)
+    val_losses = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
+    assert min(val_losses, key=val_losses.get) == 16  # the lowest loss is the last step...
+    assert {int(r["step"]): float(r["val_rouge_l"]) for r in rows if r["val_rouge_l"]} == {4: 10.0, 8: 30.0, 12: 20.0, 16: 5.0}
+    assert metrics["selected_by"] == "rouge-l" and metrics["selected_step"] == 8 and metrics["val_rouge_l"] == 30.0
+    assert metrics["best_val_rouge_l"] == 30.0 and metrics["val_generation_seconds"] >= 0
+    ckpt = tmp_path / "artifacts" / "train" / "checkpoints" / "checkpoint-8"
+    kept, final = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "artifacts" / "train" / "model" / "model.safetensors")
+    assert all(torch.equal(kept[k], final[k]) for k in kept)  # ...but step 8's weights were kept
+
+
+def test_selecting_by_loss_keeps_the_lowest_val_loss_checkpoint(tmp_path, base_dir):
+    metrics = run(params_of(_overrides_for(tmp_path, base_dir), "train.select_by=loss", "train.eval_generate_rows=0"))
+    val_losses = {int(r["step"]): float(r["val_loss"]) for r in loss_csv(tmp_path) if r["val_loss"]}
+    assert metrics["selected_step"] == min(val_losses, key=val_losses.get)
+    assert "val_rouge_l" not in loss_csv(tmp_path)[0] and metrics["val_rouge_l"] is None
+
+
+def test_impossible_selection_settings_fail_with_the_key():
+    with pytest.raises(ParamsError, match="select_by=rouge-l needs train.eval_generate_rows > 0"):
+        load_params(ROOT / "params.yaml", ["train.eval_generate_rows=0"])
+    with pytest.raises(ParamsError, match=r"save_steps \(30\) must be a multiple of train.eval_steps \(20\)"):
+        load_params(ROOT / "params.yaml", ["train.save_steps=30", "train.eval_steps=20"])

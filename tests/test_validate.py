@@ -222,13 +222,15 @@ def test_non_utf8_error_names_line_and_offset(tmp_path):
         check_file(path, "jsonl")
 
 
-def test_normalisation_is_nfc_and_collapses_cjk_whitespace():
-    from tasks.validate import normalize_text
+def test_normalisation_is_nfc_collapses_cjk_whitespace_and_keeps_line_breaks():
+    from tasks.validate import clean_text, normalize_text
 
-    text = "控制\u3000系统，\n\t１２ cafe\u0301\u200b ①"
-    assert normalize_text(text, "NFC") == "控制 系统， １２ café ①"  # full-width kept, spaces collapsed
-    assert normalize_text(text, "NFKC") == "控制 系统, 12 café 1"  # what NFKC would do to Chinese text
+    text = "控制\u3000系统，\r\n\t１２ cafe\u0301\u200b ①"
+    assert normalize_text(text, "NFC") == "控制 系统，\n１２ café ①"  # full-width kept, spaces collapsed, line kept
+    assert normalize_text(text, "NFKC") == "控制 系统,\n12 café 1"  # what NFKC would do to Chinese text
     assert normalize_text("  a \u00a0 b  ", "none") == "a b"
+    # Line ends of every kind become \n, blank lines shrink to one, lines are trimmed; controls are counted.
+    assert clean_text("a\rb\r\n\r\n\r\n c \u2028d\x00\x07\x1b\x7f\x85e\n\n", "NFC") == ("a\nb\n\nc\nde", 5)
 
 
 def test_language_measures():
@@ -248,3 +250,121 @@ def test_english_data_under_language_en(tmp_path):
     metrics = run_validate(tmp_path, write_jsonl(tmp_path / "en.jsonl", rows), "data.language=en")
     assert metrics["rows_out"] == 29 and metrics["dropped"]["language"] == 1
 
+
+
+def _clean_rows(tmp_path: Path) -> list[dict]:
+    return [json.loads(x) for x in (tmp_path / "artifacts/validate/clean.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _english_rows(n: int) -> list[dict]:
+    return [
+        {
+            "id": f"en{i}",
+            "text": f"Officials said on day {i} that the new bridge over the river will open next spring after delays.",
+            "summary": f"Bridge opens next spring, day {i}.",
+        }
+        for i in range(n)
+    ]
+
+
+def test_excel_csv_with_byte_order_mark_loads(tmp_path):
+    import csv
+
+    rows = sample_rows(30)
+    path = tmp_path / "excel.csv"
+    # What Excel writes as "CSV UTF-8": a byte-order mark, then \r\n line ends (csv's default).
+    with path.open("w", encoding="utf-8-sig", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "summary"])
+        writer.writerows([f"{i:03d}", r["text"], r["summary"]] for i, r in enumerate(rows))
+    assert path.read_bytes().startswith(b"\xef\xbb\xbfid,text,summary\r\n")
+
+    metrics = run_validate(tmp_path, path)
+    clean = _clean_rows(tmp_path)
+    assert metrics["success"] and metrics["rows_in"] == 30 and metrics["rows_out"] == 30
+    # `id` is the first column, right behind the mark: read as `id`, not `\ufeffid` (else ids would be row numbers).
+    assert clean[0] == {"id": "000", "text": rows[0]["text"], "summary": rows[0]["summary"]}
+    assert [r["id"] for r in clean] == [f"{i:03d}" for i in range(30)]
+
+
+def test_crlf_csv_with_quoted_multi_line_cells_keeps_the_lines(tmp_path):
+    path = tmp_path / "dialogues.csv"
+    path.write_bytes(
+        b"id,dialogue,summary\r\n"
+        b'd1,"#Person1#: Hello, how are you today?\r\n#Person2#: Fine, thanks. And you?",Person2 is fine.\r\n'
+        b'd2,"#Person1#: Where is the station?\r\n#Person2#: Two blocks north, ""near"" the bank.\r\n#Person1#: Thanks!",'
+        b"Person2 gives directions.\r\n"
+        b"d3,A single line text about trains and stations in the city.,Trains in the city.\r\n"
+    )
+    metrics = run_validate(tmp_path, path, "data.text_column=dialogue", "data.language=en")
+    assert metrics["success"] and metrics["rows_in"] == 3 and metrics["rows_out"] == 3
+    assert _clean_rows(tmp_path) == [
+        {"id": "d1", "text": "#Person1#: Hello, how are you today?\n#Person2#: Fine, thanks. And you?", "summary": "Person2 is fine."},
+        {
+            "id": "d2",
+            "text": '#Person1#: Where is the station?\n#Person2#: Two blocks north, "near" the bank.\n#Person1#: Thanks!',
+            "summary": "Person2 gives directions.",
+        },
+        {"id": "d3", "text": "A single line text about trains and stations in the city.", "summary": "Trains in the city."},
+    ]
+
+
+def test_csv_header_without_the_columns_names_the_ones_it_has(tmp_path):
+    path = tmp_path / "news.csv"
+    path.write_bytes(b"\xef\xbb\xbfarticle,highlights\r\n" + b"Some long article text about things.,Short.\r\n" * 3)
+    with pytest.raises(DataError) as err:
+        run_validate(tmp_path, path, "data.language=en")
+    message = str(err.value)
+    assert "has columns [article, highlights] but not ['text', 'summary']" in message, message
+    assert "-S data.text_column=" in message and "\ufeff" not in message
+
+
+def test_control_characters_are_removed_and_counted(tmp_path):
+    rows = _english_rows(20)
+    rows[0]["text"] = "Officials\x00 said the new bridge\x07 over the river will open next spring."  # 2
+    rows[1]["summary"] = "Bridge\x1b[0m opens."  # ESC: 1 (the rest, "[0m", is text)
+    rows[2]["text"] = "Tabs\tstay as spaces\x7f and lines\nstay, in this text about a bridge.\x0c"  # DEL, form feed: 2
+    path = tmp_path / "controls.jsonl"
+    write_jsonl(path, rows)
+    assert "\\u0000" in path.read_text(encoding="utf-8")  # JSON carries them escaped
+
+    metrics = run_validate(tmp_path, path, "data.language=en")
+    clean = _clean_rows(tmp_path)
+    assert metrics["success"] and metrics["rows_out"] == 20
+    assert metrics["control_characters_removed"] == 5 and metrics["rows_with_control_characters"] == 3
+    assert clean[0]["text"] == "Officials said the new bridge over the river will open next spring."
+    assert clean[1]["summary"] == "Bridge[0m opens."
+    assert clean[2]["text"] == "Tabs stay as spaces and lines\nstay, in this text about a bridge."
+    assert clean[3] == rows[3]
+    report = json.loads((tmp_path / "artifacts/validate/report.json").read_text(encoding="utf-8"))
+    assert report["control_characters_removed"] == 5
+
+
+def test_dialogue_turns_survive_validate(tmp_path):
+    rows = _english_rows(10)
+    rows[4] = {
+        "id": "dialogue",
+        "text": "#Person1#:  Hi,\tMr. Smith.   \r\n\n\n\n#Person2#: Hello!  How can I help?\n#Person1#: I need a room.  ",
+        "summary": "Person1 asks\nMr. Smith for a room.",
+    }
+    metrics = run_validate(tmp_path, write_jsonl(tmp_path / "dialogues.jsonl", rows), "data.language=en")
+    assert metrics["rows_out"] == 10 and metrics["control_characters_removed"] == 0
+    turn = _clean_rows(tmp_path)[4]
+    # Each turn on its line, spaces inside a line collapsed, the run of blank lines shrunk to one.
+    assert turn["text"] == "#Person1#: Hi, Mr. Smith.\n\n#Person2#: Hello! How can I help?\n#Person1#: I need a room."
+    assert turn["text"].splitlines()[2:] == ["#Person2#: Hello! How can I help?", "#Person1#: I need a room."]
+    assert turn["summary"] == "Person1 asks\nMr. Smith for a room."
+
+
+def test_english_news_lengths_pass_under_language_en(tmp_path):
+    # A CNN/DailyMail-sized article (~4,000 characters; the zh limit is 2,000) and a 3-line highlight.
+    rows = _english_rows(20)
+    rows[0]["text"] = " ".join(["The council met on Monday and voted to rebuild the old stone bridge."] * 60)
+    rows[0]["summary"] = "Council votes to rebuild the bridge.\nWork starts in May.\nCost is shared."
+    assert len(rows[0]["text"]) > 4000
+    metrics = run_validate(tmp_path, write_jsonl(tmp_path / "news.jsonl", rows), "data.language=en")
+    assert metrics["rows_out"] == 20 and metrics["dropped"]["text_length"] == 0
+    # The zh limit would drop it.
+    with pytest.raises(DataError, match=r"1 of 20 rows \(5.0%\) fail a row-level expectation"):
+        run_validate(tmp_path, tmp_path / "news.jsonl", "data.language=en", "validate.max_text_chars=2000",
+                     "validate.max_dropped_share=0.01")

@@ -39,10 +39,51 @@ GENERATION_KEYS = (
     "data.use_chat_template",
     "evaluate.max_new_tokens",
     "evaluate.batch_size",
+    "evaluate.no_repeat_ngram_size",
+    "evaluate.repetition_penalty",
     "train.max_source_length",
 )
 # What scoring generations reads (`tasks.core.evaluation.Evaluator.of`): language, bootstrap, the cache.
 SCORING_KEYS = ("data.language", "evaluate.bootstrap_samples", "evaluate.seed", "evaluate.cache_dir")
+
+
+# The sections that change the model or its scores; `Params.digest` hashes these alone. Not here:
+# `paths` (where files go), `register` (names), `promote` (the gate), `serve` (the app) and `review` (the dashboard).
+MODEL_SECTIONS = ("data", "model", "validate", "split", "select", "pretrain", "train", "evaluate", "quantize")
+
+
+AUTO = "auto"
+# What `auto` stands for under each `data.language`. `Params` resolves it once, when the params are
+# validated, so a stage reads the resolved value; a stage that reads one of these keys also declares
+# `data.language`, so DVC re-runs it when the language changes (tests/test_english.py checks).
+LANGUAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "zh": {
+        "data.prompt_template": "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题：",
+        "model.tokenizer": "char",
+        "validate.max_text_chars": 2000,
+        "validate.max_summary_chars": 200,
+        "train.max_target_length": 48,
+        "evaluate.max_new_tokens": 48,
+    },
+    "en": {
+        "data.prompt_template": "Summarize the text below.\nText: {text}\nSummary:",
+        "model.tokenizer": "bpe",
+        # CNN/DailyMail articles run to ~4,000 characters on average and past 10,000 at the tail;
+        # their highlights to ~300 (DialogSum summaries ~100).
+        "validate.max_text_chars": 20000,
+        "validate.max_summary_chars": 1000,
+        # what the scratch decoder's 512-token context leaves after a 256-token prompt
+        "train.max_target_length": 256,
+        "evaluate.max_new_tokens": 128,
+    },
+}
+
+
+def positive_or_auto(value: int | str) -> int | str:
+    """A count of at least 1, or `auto` (resolved per `data.language` by `Params`)."""
+    if value != AUTO and value < 1:
+        raise ValueError("must be at least 1 (or auto)")
+    return value
 
 
 class ParamsError(SftflowError, ValueError):
@@ -89,13 +130,16 @@ class DataConfig(Section):
     )
     language: Literal["zh", "en"] = Field(
         default="zh",
-        description="Language of the texts: `zh` scores jieba words and checks the CJK share of a text; `en` scores "
-        "NLTK word tokens and checks the ASCII-word share. The lead-k baseline takes characters (zh) or words (en).",
+        description="Language of the texts: `zh` scores ROUGE with rouge-chinese on jieba words and checks the CJK "
+        "share of a text; `en` scores with rouge_score (Porter stemmer) and checks the ASCII-word share. The lead-k "
+        "baseline takes characters (zh) or words (en). It also says what `auto` means for `data.prompt_template`, "
+        "`model.tokenizer`, `validate.max_text_chars`, `validate.max_summary_chars` and `train.max_target_length`.",
     )
     prompt_template: str = Field(
-        default="为下面的论文摘要拟一个标题。\n摘要：{text}\n标题：",
+        default=AUTO,
         description="The model's input, with `{text}` replaced by the source text; the summary follows it directly. "
-        "Used alike in pretraining's vocabulary, training, evaluation and serving.",
+        "Used alike in pretraining's vocabulary, training, evaluation and serving. `auto`: zh "
+        "\"为下面的论文摘要拟一个标题。\\n摘要：{text}\\n标题：\", en \"Summarize the text below.\\nText: {text}\\nSummary:\".",
     )
     use_chat_template: bool = Field(
         default=True,
@@ -105,7 +149,7 @@ class DataConfig(Section):
     @field_validator("prompt_template")
     @classmethod
     def _template_has_text(cls, v: str) -> str:
-        if "{text}" not in v:
+        if v != AUTO and "{text}" not in v:
             raise ValueError("prompt_template must contain the placeholder {text}")
         return v
 
@@ -144,10 +188,10 @@ class ModelConfig(Section):
     architecture: Literal["qwen2", "llama"] = Field(
         default="qwen2", description="Scratch decoder architecture (the transformers Qwen2 or Llama config)."
     )
-    tokenizer: Literal["char", "bpe"] = Field(
-        default="char",
+    tokenizer: Literal["auto", "char", "bpe"] = Field(
+        default=AUTO,
         description="Scratch tokenizer, trained on the train split: `char` (one token per character, compact for "
-        "Chinese) or `bpe` (byte-level BPE, for English or mixed text).",
+        "Chinese) or `bpe` (byte-level BPE, for English or mixed text); `auto`: char for zh, bpe for en.",
     )
     vocab_size: int = Field(
         default=6000, gt=16, description="Most tokens of the scratch tokenizer, its 4 special tokens included."
@@ -201,20 +245,24 @@ class ValidateConfig(Section):
 
     unicode_form: Literal["NFC", "NFKC", "none"] = Field(
         default="NFC",
-        description="Unicode normalisation of texts and summaries before the checks; invisible characters are "
-        "removed and whitespace collapsed in every case.",
+        description="Unicode normalisation of texts and summaries before the checks. In every case invisible "
+        "characters and control characters (but tab and line break) are removed, the latter counted in "
+        "metrics/validate.json; line ends become `\\n` and line breaks are kept (dialogue turns, paragraphs; "
+        "blank lines collapse to one), while other whitespace collapses to one space.",
     )
     min_text_chars: int = Field(
         default=20, ge=1, description="Shortest text kept, in characters after normalisation; shorter rows are dropped."
     )
-    max_text_chars: int = Field(
-        default=2000, ge=1, description="Longest text kept, in characters; longer rows are dropped."
+    max_text_chars: int | Literal["auto"] = Field(
+        default=AUTO,
+        description="Longest text kept, in characters; longer rows are dropped. `auto`: 2000 for zh, 20000 for en.",
     )
     min_summary_chars: int = Field(
         default=2, ge=1, description="Shortest summary kept, in characters; shorter rows are dropped."
     )
-    max_summary_chars: int = Field(
-        default=200, ge=1, description="Longest summary kept, in characters; longer rows are dropped."
+    max_summary_chars: int | Literal["auto"] = Field(
+        default=AUTO,
+        description="Longest summary kept, in characters; longer rows are dropped. `auto`: 200 for zh, 1000 for en.",
     )
     max_duplicate_share: float = Field(
         default=0.05,
@@ -248,11 +296,17 @@ class ValidateConfig(Section):
         description="Largest share of rows the row checks may drop before the stage fails.",
     )
 
+    @field_validator("max_text_chars", "max_summary_chars")
+    @classmethod
+    def _positive_or_auto(cls, v: int | str) -> int | str:
+        return positive_or_auto(v)
+
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:
-        if self.min_text_chars > self.max_text_chars:
+        # `auto` is resolved by `Params` (it depends on data.language); the bound is checked again then.
+        if self.max_text_chars != AUTO and self.min_text_chars > self.max_text_chars:
             raise ValueError("validate.min_text_chars must not exceed validate.max_text_chars")
-        if self.min_summary_chars > self.max_summary_chars:
+        if self.max_summary_chars != AUTO and self.min_summary_chars > self.max_summary_chars:
             raise ValueError("validate.min_summary_chars must not exceed validate.max_summary_chars")
         return self
 
@@ -260,8 +314,8 @@ class ValidateConfig(Section):
 class SplitConfig(Section):
     """Content-hash split into train/val/test.
 
-    A row's split depends only on its text and the salt, so a row keeps its split as the data grows;
-    near-duplicate texts are kept in one split.
+    A new row's split depends only on its text and the salt; near-duplicate texts are kept in one
+    split. Once assigned, a row keeps its split forever: `artifacts/split/assignments.jsonl` remembers it.
     """
 
     stage_help: ClassVar[str] = "split the clean data into train/val/test by a hash of each row's content"
@@ -280,14 +334,17 @@ class SplitConfig(Section):
         default=0.1, gt=0, lt=1, description="Share of rows in the test split (`evaluate`, `quantize`, `promote`)."
     )
     salt: str = Field(
-        default="sftflow-v1", description="Mixed into each text's hash; another salt reshuffles every row."
+        default="sftflow-v1",
+        description="Mixed into each text's hash; another salt reshuffles every row and starts the assignment "
+        "table anew.",
     )
     near_duplicate_threshold: float = Field(
         default=0.9,
         gt=0,
         le=1,
         description="Character 5-gram Jaccard similarity from which two texts are near-duplicates: they go to one "
-        "split, and the stage fails if such a pair still crosses splits.",
+        "split (a new one joins its group's earliest split), and the stage fails if such a pair still crosses "
+        "splits other than where earlier assignments keep it apart (counted in metrics/split.json).",
     )
 
     @model_validator(mode="after")
@@ -314,20 +371,38 @@ class SelectConfig(Section):
 
 
 class PretrainConfig(Section):
-    """Causal-LM pretraining on the training texts and summaries, packed into blocks (always on for a scratch base)."""
+    """Causal-LM pretraining of the base on the corpus: the training texts and summaries, plus optional unlabelled
+    files, packed into blocks. By intent: always for a scratch base, only when asked for a real one."""
 
     stage_help: ClassVar[str] = 'build the scratch base (tokenizer + decoder) or load a base; pretrain it on the corpus'
-    stage_reads: ClassVar[tuple[str, ...]] = ("model", "pretrain", "data.prompt_template")
+    stage_reads: ClassVar[tuple[str, ...]] = ("model", "pretrain", "data.language", "data.prompt_template", "train.method", "train.lora")
 
-    enabled: bool = Field(
-        default=True,
-        description="Pretrain the base on the corpus. Must be true for a scratch base (a random decoder is no base); "
-        "false passes a real base through unchanged.",
+    enabled: bool | Literal["auto"] = Field(
+        default=AUTO,
+        description="`auto`: pretrain a scratch base (a random decoder is no base), pass a real base through "
+        "unchanged. `true` on a real base is continued pretraining on the corpus at "
+        "`pretrain.continued_learning_rate`, through a LoRA adapter (`train.lora`, merged afterwards) when "
+        "`train.method` is lora, or of every weight when it is full. `false` with a scratch base is an error.",
+    )
+    corpus: list[Path] = Field(
+        default_factory=list,
+        description="Unlabelled text files added to the pretraining corpus: `.jsonl` (a `text` field per line) or "
+        "plain text (documents separated by blank lines). Each must exist; a missing one fails the stage, naming it. "
+        "Their sha256 are written to metrics/pretrain.json (DVC does not track their content). The scratch "
+        "tokenizer is still trained on the train split alone.",
+    )
+    continued_learning_rate: float = Field(
+        default=1e-4,
+        gt=0,
+        description="Peak learning rate of continued pretraining of a real base (`pretrain.enabled: true`); a "
+        "scratch base uses `pretrain.learning_rate`.",
     )
     epochs: float = Field(default=4.0, gt=0, description="Passes over the packed training corpus.")
     max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
     learning_rate: float = Field(
-        default=3e-3, gt=0, description="Peak learning rate of the cosine schedule (weight decay 0.01)."
+        default=3e-3,
+        gt=0,
+        description="Peak learning rate of the cosine schedule (weight decay 0.01) when pretraining a scratch base.",
     )
     batch_size: int = Field(default=16, gt=0, description="Blocks per step (and per validation batch).")
     block_size: int = Field(
@@ -354,18 +429,38 @@ class LoraConfig(Section):
     r: int = Field(default=16, gt=0, description="Rank of the LoRA update matrices.")
     alpha: int = Field(default=32, gt=0, description="LoRA scaling: the update is multiplied by alpha / r.")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Short names of the Linear layers that get an adapter, checked against the model; "
-        "`[all-linear]` means every Linear layer but the output head.",
+    target_modules: list[str] | str = Field(
+        default="all-linear",
+        description="The layers that get an adapter, as PEFT's `target_modules` takes them: `all-linear` (every "
+        "Linear and Conv1D layer but the output head, on any causal LM), a list of module names or name suffixes "
+        "(`[q_proj, v_proj]`, GPT-2's `[c_attn]`, `[attn.c_proj]`), or one regular expression over full module "
+        "names (`.*\\.(q|v)_proj`). Checked against the model before training: a target it lacks fails, listing "
+        "its Linear and Conv1D layers.",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_not_empty(cls, v: list[str] | str) -> list[str] | str:
+        if not v:
+            raise ValueError("name at least one module, a regular expression, or all-linear")
+        return v
 
 
 class TrainConfig(Section):
     """Supervised fine-tuning through the HF Trainer and DeepSpeed; only summary tokens (and eos) carry loss."""
 
     stage_help: ClassVar[str] = 'supervised fine-tuning (LoRA or full) through the HF Trainer and DeepSpeed'
-    stage_reads: ClassVar[tuple[str, ...]] = ("train", "data.prompt_template", "data.use_chat_template", "model.trust_remote_code")
+    stage_reads: ClassVar[tuple[str, ...]] = (
+        "train",
+        "data.language",
+        "data.prompt_template",
+        "data.use_chat_template",
+        "model.trust_remote_code",
+        "evaluate.max_new_tokens",  # validation ROUGE generates exactly as evaluate does
+        "evaluate.batch_size",
+        "evaluate.no_repeat_ngram_size",
+        "evaluate.repetition_penalty",
+    )
 
     method: Literal["lora", "full"] = Field(
         default="full",
@@ -383,7 +478,10 @@ class TrainConfig(Section):
         "(at most one per GPU, or per core on CPU).",
     )
     torch_threads: int = Field(
-        default=0, ge=0, description="Threads per rank; 0 = OMP_NUM_THREADS when set, else cores / ranks."
+        default=0,
+        ge=0,
+        description="Torch threads per rank; 0 = usable cores / ranks. Never read from the environment "
+        "(OMP_NUM_THREADS): the thread count changes the weights' last bits, so it must not depend on how the stage was started.",
     )
     epochs: float = Field(default=2.0, gt=0, description="Passes over the train split.")
     max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
@@ -404,10 +502,20 @@ class TrainConfig(Section):
         description="Most prompt tokens; a longer text is cut (instruction and answer cue kept), in training and "
         "in generation alike. Cuts are counted in metrics/train.json.",
     )
-    max_target_length: int = Field(
-        default=48,
+    max_target_length: int | Literal["auto"] = Field(
+        default=AUTO,
+        description="Most summary tokens in training, eos included; a longer summary is cut (and then has no eos). "
+        "`auto`: 48 for zh (the character tokenizer makes it 47 characters), 256 for en (what a 512-token scratch "
+        "context leaves after the prompt). Training cuts at the limit `train.target_length_percentile` sizes under this cap.",
+    )
+    target_length_percentile: float = Field(
+        default=100.0,
         gt=0,
-        description="Most summary tokens in training, eos included; a longer summary is cut (and then has no eos).",
+        le=100,
+        description="Sizes the summary token limit from the train split: the limit is the length (eos included) "
+        "that keeps this percentage of train references whole, at most `train.max_target_length`. 100 keeps every "
+        "reference that fits the cap whole; 95 trims the longest 5% for shorter sequences. metrics/train.json "
+        "reports the limit and the share of texts and references cut.",
     )
     group_by_length: bool = Field(
         default=True, description="Batch examples of similar length together (less padding) instead of a random order."
@@ -425,34 +533,95 @@ class TrainConfig(Section):
     eval_steps: int = Field(
         default=50, gt=0, description="Compute the validation loss every N steps (`plots/train/loss.csv`)."
     )
+    eval_generate_rows: int = Field(
+        default=32,
+        ge=0,
+        description="At every evaluation, generate summaries for the first N val rows (greedy, as evaluate does) "
+        "and score their ROUGE-L (`val_rouge_l` in metrics/train.json and the loss plot); 0 = loss only.",
+    )
+    select_by: Literal["rouge-l", "loss", "last"] = Field(
+        default="rouge-l",
+        description="Which checkpoint becomes the model: the best val ROUGE-L (needs eval_generate_rows > 0), the "
+        "lowest val loss, or the last step. Checkpoints are kept for it, so save_steps must be a multiple of eval_steps.",
+    )
+    early_stopping_patience: int = Field(
+        default=0,
+        ge=0,
+        description="Stop after N evaluations without a better `select_by` figure; 0 = train to the end. Not with `last`.",
+    )
     logging_steps: int = Field(default=1, gt=0, description="Log the training loss every N steps.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto = bf16 on a GPU that supports it, else fp32."
     )
     seed: int = Field(default=42, description="Seeds the data order, dropout and the LoRA initialisation.")
 
+    @field_validator("max_target_length")
+    @classmethod
+    def _positive_or_auto(cls, v: int | str) -> int | str:
+        return positive_or_auto(v)
+
+    @model_validator(mode="after")
+    def _selection_is_possible(self) -> TrainConfig:
+        if self.select_by == "rouge-l" and self.eval_generate_rows == 0:
+            raise ValueError("train.select_by=rouge-l needs train.eval_generate_rows > 0 (or select_by: loss | last)")
+        if self.select_by != "last" and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"train.save_steps ({self.save_steps}) must be a multiple of train.eval_steps ({self.eval_steps}) "
+                f"to keep the checkpoint train.select_by={self.select_by} picks (or select_by: last)"
+            )
+        if self.select_by == "last" and self.early_stopping_patience:
+            raise ValueError("train.early_stopping_patience needs train.select_by rouge-l or loss (what would it watch?)")
+        return self
+
 
 class EvaluateConfig(Section):
     """Greedy generation on the test split and ROUGE / BLEU scoring.
 
     The fine-tuned model is scored beside the pretrained base and a copy-the-lead baseline.
-    `max_new_tokens` and `batch_size` hold for every stage that generates; `bootstrap_samples`,
-    `seed` and `cache_dir` for `select` too.
+    `max_new_tokens`, `batch_size`, `no_repeat_ngram_size` and `repetition_penalty` hold for every
+    stage that generates; `bootstrap_samples`, `seed` and `cache_dir` for `select` too.
     """
 
     stage_help: ClassVar[str] = 'generate summaries for the test split; score ROUGE/BLEU with bootstrap intervals'
     stage_reads: ClassVar[tuple[str, ...]] = ("evaluate", "model.trust_remote_code", *GENERATION_KEYS, *SCORING_KEYS)
 
-    max_new_tokens: int = Field(
-        default=48,
-        gt=0,
+    max_new_tokens: int | Literal["auto"] = Field(
+        default="auto",
         description="Generation stops at eos or after this many new tokens (every stage that generates, and the "
-        "registered model). It also bounds rouge-chinese's LCS, which is quadratic in length.",
+        "registered model). It also bounds rouge-chinese's LCS, which is quadratic in length. `auto`: 48 for zh "
+        "(titles are ~19 characters), 128 for en (news highlights run to ~80 tokens).",
     )
     batch_size: int = Field(
         default=32,
         gt=0,
         description="Prompts per generation batch (batched and one-by-one generation give the same text).",
+    )
+    no_repeat_ngram_size: int = Field(
+        default=0,
+        ge=0,
+        description="When > 0, no n-gram of this many tokens is generated twice in one summary (every stage that "
+        "generates, and the registered model). Only the generated tokens count: unlike transformers' own option, "
+        "an n-gram of the source may be copied. 0: off.",
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0,
+        description="A token already generated in this summary has its logit divided by this (multiplied when "
+        "negative): > 1 discourages loops. Only the generated tokens count, not the prompt (nor its padding), so "
+        "batched and one-by-one generation still agree. 1.0: off.",
+    )
+    tune_decoding: bool = Field(
+        default=True,
+        description="Choose `no_repeat_ngram_size` and `repetition_penalty` on the val rows (never test) from a small "
+        "grid ({0, 3} x {1.0, 1.2}), by mean ROUGE-L; the choice is written to artifacts/evaluate/decoding.json and "
+        "metrics/evaluate.json, and quantize, register (the model's sftflow.json) and the app use it. Off: the two "
+        "params are used as they are.",
+    )
+    tune_rows: int = Field(
+        default=64,
+        ge=0,
+        description="The first N val rows `tune_decoding` scores each grid point on (0 = every val row): the grid "
+        "generates them once per point.",
     )
     rows: int = Field(default=0, ge=0, description="Score only the first N test rows; 0 = all.")
     bootstrap_samples: int = Field(
@@ -473,6 +642,11 @@ class EvaluateConfig(Section):
         default=Path(".cache/sftflow/generations"),
         description="Generations keyed by (model hash, rows hash, generation params); outside DVC outs.",
     )
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_or_auto(cls, v: int | str) -> int | str:
+        return positive_or_auto(v)
 
 
 class QuantizeConfig(Section):
@@ -569,7 +743,44 @@ class ServeConfig(Section):
         description="Variant served on a GPU: `bf16` is the full model cast on load; a missing bnb variant falls "
         "back to full precision.",
     )
+    review_url: str = Field(
+        default="",
+        description="Address of the review dashboard (`sftflow review`, e.g. `http://127.0.0.1:8501`) that the app's "
+        "side panel links to, as the browser reaches it (http(s):// or a path behind the same proxy); empty hides the link.",
+    )
 
+    @field_validator("review_url")
+    @classmethod
+    def _review_url_is_a_link(cls, v: str) -> str:
+        v = v.strip()
+        if v and (not v.startswith(("http://", "https://", "/")) or any(c.isspace() or c in "<>\"'()" for c in v)):
+            raise ValueError(f"serve.review_url must be an http(s):// URL or a /path without spaces or brackets, got {v!r}")
+        return v
+
+
+
+class ReviewConfig(Section):
+    """The reviewer's dashboard (Streamlit) over the registry: which version serves, why, and how it differs."""
+
+    stage_help: ClassVar[str] = (
+        "open the review dashboard (Streamlit): versions, why promoted, side-by-side outputs, lineage, variants"
+    )
+    stage_reads: ClassVar[tuple[str, ...]] = ("review", "register.model_name", "quantize.max_drop")
+    stage_dvc: ClassVar[bool] = False
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Bind address; 127.0.0.1 serves only this machine. Another address needs "
+        "`SFTFLOW_REVIEW_AUTH=user:password` (`--host` overrides).",
+    )
+    port: int = Field(default=8501, gt=0, lt=65536, description="Port of the dashboard (`--port` overrides).")
+    cache_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long the dashboard reuses what it read from the registry before reading it again "
+        "(its Refresh button reads at once); stored predictions are kept until the page is restarted.",
+    )
+    max_chars: int = Field(default=2000, gt=0, description="Longest text the Try it box summarises, in characters.")
 
 # Sections carry the stage names used everywhere. `validate` and `register` shadow pydantic's
 # deprecated `BaseModel.validate` and ABCMeta's `register`, which nothing here calls: silence that.
@@ -606,7 +817,7 @@ with warnings.catch_warnings():
         )
         pretrain: PretrainConfig = Field(
             default_factory=PretrainConfig,
-            description="Causal-LM pretraining of the base on the training texts and summaries.",
+            description="Causal-LM pretraining of the base on the corpus: always for scratch, for a real base only when asked.",
         )
         train: TrainConfig = Field(
             default_factory=TrainConfig,
@@ -632,8 +843,26 @@ with warnings.catch_warnings():
             default_factory=ServeConfig,
             description="The Gradio app that serves the champion.",
         )
+        review: ReviewConfig = Field(
+            default_factory=ReviewConfig,
+            description="The reviewer's Streamlit dashboard over the registry.",
+        )
 
         model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+        @model_validator(mode="after")
+        def _resolve_auto(self) -> Params:
+            """Replace each `auto` of `LANGUAGE_DEFAULTS` by its value for `data.language`."""
+            for key, value in LANGUAGE_DEFAULTS[self.data.language].items():
+                section_name, field = key.split(".")
+                section = getattr(self, section_name)
+                if getattr(section, field) == AUTO:
+                    try:
+                        setattr(section, field, value)  # validated (and cross-checked) by the section
+                    except ValidationError as e:
+                        reason = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+                        raise ValueError(f"{key} is auto, which is {value!r} for data.language={self.data.language}: {reason}") from e
+            return self
 
         @property
         def layout(self) -> Layout:
@@ -661,8 +890,14 @@ with warnings.catch_warnings():
             return out
 
         def digest(self) -> str:
-            """sha256 of the resolved parameters (stable key order)."""
-            return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+            """sha256 of the sections that change the model or its scores (`MODEL_SECTIONS`, stable key order).
+
+            It is a version's `params.sha256`: the data-change trigger and the registry's "already
+            registered" check compare it, so changing `serve.port` or `promote.min_delta` makes no new
+            version. The whole file is still recorded with each run (`params.yaml` artifact).
+            """
+            payload = {section: self.to_dict()[section] for section in MODEL_SECTIONS}
+            return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -677,7 +912,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 f" (see tasks/core/config.py for the section's keys)"
             )
         else:
-            lines.append(f"  - `{key}`: {e['msg']} (got {e.get('input')!r})")
+            # A whole-params check (loc empty) would quote every section as its input.
+            got = f" (got {e.get('input')!r})" if loc else ""
+            lines.append(f"  - `{key}`: {e['msg']}{got}")
     return "\n".join(lines)
 
 

@@ -1,17 +1,23 @@
 """Score any model on any rows: generate (through a cache) and compute ROUGE/BLEU. The one path the
 evaluate, select and quantize stages use, so every figure in the registry is measured the same way.
 
-Generations are cached by (model content hash, rows hash, generation settings) in `evaluate.cache_dir`,
-outside DVC's outputs, so an unchanged model is never asked to generate the same rows twice (the base
-model across retrains, the fine-tuned model when only scoring code changed).
+Generations are cached in `evaluate.cache_dir`, outside DVC's outputs, so an unchanged model is never
+asked to generate the same rows twice (the base model across retrains, the fine-tuned model when only
+scoring code changed). The key holds everything that changes a generated text: the model's content,
+the rows, the generation settings, the source of the code that generates (`GENERATING_MODULES`), the
+torch / transformers / tokenizers versions, and the device and dtype the model runs in. So when
+dvc.yaml re-runs a stage because that code changed, the cache cannot hand back the old text.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,46 @@ from tasks.core.scoring import score
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# The modules whose code decides what a model writes for a prompt (not how it is scored).
+GENERATING_MODULES = (
+    "tasks.core.generation",
+    "tasks.core.prompt",
+    "tasks.core.modeling",
+    "tasks.core.variants",
+    "tasks.core.evaluation",
+)
+RUNTIME_PACKAGES = ("torch", "transformers", "tokenizers")
+
+
+def code_sha256() -> str:
+    """sha256 over the source of `GENERATING_MODULES`, in order (read once per process)."""
+    return _sources_sha256(GENERATING_MODULES)
+
+
+@lru_cache(maxsize=8)
+def _sources_sha256(modules: tuple[str, ...]) -> str:
+    parts = []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise StageError(f"cannot find the source of {name} to key the generation cache")
+        parts.append(name + "\0" + sha256_bytes(Path(spec.origin).read_bytes()))
+    return sha256_bytes("\n".join(parts).encode())
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions of the libraries that run generation."""
+    return {name: metadata.version(name) for name in RUNTIME_PACKAGES}
+
+
+def model_placement(model: Any | None) -> dict[str, str]:
+    """Where and in which dtype a model generates: a loaded one as it is, a folder as `predict` loads it."""
+    if model is None:
+        import torch
+
+        return {"device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "torch.float32"}
+    return {"device": str(model.device.type), "dtype": str(model.dtype)}
 
 
 def rows_sha256(rows: Sequence[dict[str, Any]]) -> str:
@@ -64,13 +109,22 @@ class Evaluator:
             trust_remote_code=params.model.trust_remote_code,
         )
 
-    def cache_key(self, model_sha256: str, rows: Sequence[dict[str, Any]]) -> str:
-        """The cache key of (model content, rows, generation settings)."""
+    def cache_key(self, model_sha256: str, rows: Sequence[dict[str, Any]], model: Any | None = None) -> str:
+        """The cache key of a generation: model content and placement, rows, settings, code and library versions.
+
+        Args:
+            model_sha256: the model's content hash.
+            rows: the rows generated for.
+            model: the loaded model, or None for a folder (`predict` then loads it on the GPU if any, fp32).
+        """
         payload = {
             "version": CACHE_VERSION,
             "model": model_sha256,
             "rows": rows_sha256(rows),
             "generation": self.generation.output_key(),
+            "code": code_sha256(),
+            "runtime": runtime_versions(),
+            **model_placement(model),
         }
         return sha256_bytes(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
@@ -104,7 +158,7 @@ class Evaluator:
             if not Path(model).is_dir():
                 raise StageError(f"model directory {model} does not exist: run the stage that writes it first")
             model_sha256 = dir_sha256(Path(model))
-        key = self.cache_key(model_sha256, rows) if model_sha256 else None
+        key = self.cache_key(model_sha256, rows, None if is_dir else model) if model_sha256 else None
         if key is not None and (cached := self._cache_read(key, rows)) is not None:
             return cached
         if is_dir:

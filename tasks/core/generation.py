@@ -6,6 +6,18 @@ padded on the left so every row's next token sits in the last column, and decode
 Results come back in input order. Batched and one-by-one generation give the same text: transformers
 builds `position_ids` from the attention mask, so a left-padded row sees exactly the positions it would
 see alone, and padded keys are masked out.
+
+Repetition controls (`no_repeat_ngram_size`, `repetition_penalty`) are our own logits processors
+(`repetition_processors`), which look only at the tokens generated after the prompt. transformers' own
+act on the whole sequence, prompt included, in a decoder-only model: they forbid copying an n-gram of
+the source and, with pad = eos, penalise eos in left-padded rows, so batched would differ from
+one-by-one. The prompt width is the input width, and left padding puts every row's first generated
+token in the same column, so "generated" is `input_ids[:, prompt_width:]` for every row.
+
+A row stops at the first of its stop tokens (`stop_token_ids`): every eos the generation config
+names, the tokenizer's eos, and the chat template's end-of-turn token. A model trained on a chat
+template ends its answer with the latter (Qwen2's `<|im_end|>`), which a base model's generation
+config usually does not list.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tasks.core.prompt import build_prompt, encode_example
+from tasks.core.prompt import ChatTemplateError, chat_format, encode_prompt, uses_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +39,14 @@ class GenerationSettings:
     Attributes:
         prompt_template: the `{text}` template (params `data.prompt_template`).
         use_chat_template: wrap the prompt in the tokenizer's chat template when it has one.
-        max_new_tokens: generation stops at eos or after this many new tokens.
+        max_new_tokens: generation stops at a stop token (`stop_token_ids`) or after this many new tokens.
         max_source_length: when set, a longer prompt has its *text* cut exactly as training cuts it
-            (`tasks.core.prompt.encode_example`), so the model sees at test time what it was trained on.
+            (`tasks.core.prompt.encode_prompt`), so the model sees at test time what it was trained on.
         batch_size: prompts per forward pass (batched and one-by-one generation give the same text).
+        no_repeat_ngram_size: when > 0, no n-gram of this size occurs twice among the generated tokens
+            (the prompt is not looked at: a source n-gram may be copied).
+        repetition_penalty: when != 1, a token already generated has its logit divided by this (multiplied
+            when negative), as in transformers but over the generated tokens only.
     """
 
     prompt_template: str
@@ -38,6 +54,14 @@ class GenerationSettings:
     max_new_tokens: int
     max_source_length: int | None = None
     batch_size: int = 32
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @classmethod
     def of(cls, params: Any) -> GenerationSettings:
@@ -48,17 +72,25 @@ class GenerationSettings:
             max_new_tokens=params.evaluate.max_new_tokens,
             max_source_length=params.train.max_source_length,
             batch_size=params.evaluate.batch_size,
+            no_repeat_ngram_size=params.evaluate.no_repeat_ngram_size,
+            repetition_penalty=params.evaluate.repetition_penalty,
         )
 
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> GenerationSettings:
-        """From a logged model's `sftflow.json` (which holds more keys: language, quantization)."""
+        """From a logged model's `sftflow.json` (which holds more keys: language, quantization).
+
+        A model registered before the repetition controls existed lacks them: it generated without
+        them, which their defaults (0 and 1.0) reproduce.
+        """
         return cls(
             prompt_template=settings["prompt_template"],
             use_chat_template=bool(settings["use_chat_template"]),
             max_new_tokens=int(settings["max_new_tokens"]),
             max_source_length=settings.get("max_source_length"),
             batch_size=int(settings["batch_size"]),
+            no_repeat_ngram_size=int(settings.get("no_repeat_ngram_size", 0)),
+            repetition_penalty=float(settings.get("repetition_penalty", 1.0)),
         )
 
     def output_key(self) -> dict[str, Any]:
@@ -88,8 +120,9 @@ def generate(
         progress: show a tqdm bar over batches.
 
     Returns:
-        The generated summaries (new tokens only, special tokens skipped, whitespace stripped), in the
-        order of `texts`. A row whose first new token is eos yields "" (the caller counts it).
+        The generated summaries (new tokens before the first stop token, special tokens skipped,
+        whitespace stripped), in the order of `texts`. A row whose first new token is a stop token
+        yields "" (the caller counts it).
     """
     import torch
     from tqdm.auto import tqdm
@@ -115,7 +148,7 @@ def generate(
             max(lengths), max_new_tokens, context,
         )
 
-    gen_config = greedy_config(model, tokenizer, max_new_tokens)
+    gen_config = greedy_config(model, tokenizer, max_new_tokens, use_chat_template=settings.use_chat_template)
     eos_ids = set(_as_list(gen_config.eos_token_id))
     was_training = model.training
     model.eval()
@@ -129,6 +162,7 @@ def generate(
                     input_ids=input_ids.to(model.device),
                     attention_mask=attention_mask.to(model.device),
                     generation_config=gen_config,
+                    logits_processor=repetition_processors(settings, input_ids.shape[1]),
                 )
                 new_tokens = out[:, input_ids.shape[1] :].tolist()
                 for i, ids in zip(batch, new_tokens):
@@ -155,48 +189,127 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Any, Any]:
 def encode_prompts(tokenizer: Any, texts: Sequence[str], settings: GenerationSettings) -> list[list[int]]:
     """The prompt token ids the model sees for each text (generate and the app's streaming share it).
 
-    With `settings.max_source_length` the text is cut exactly as training cuts it (`encode_example`).
+    With `settings.max_source_length` the text is cut exactly as training cuts it (`encode_prompt`).
     """
-    prompt_template, use_chat_template = settings.prompt_template, settings.use_chat_template
-    max_source_length = settings.max_source_length
-    if max_source_length is None:
-        has_chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-        prompts = [build_prompt(t, prompt_template, tokenizer, use_chat_template) for t in texts]
-        # A chat template already spells out BOS and friends; adding them again would double them.
-        return tokenizer(prompts, add_special_tokens=not has_chat)["input_ids"]
-    prompt_ids = []
-    truncated = 0
+    prompt_ids, truncated = [], 0
     for t in texts:
-        # The prompt part of a training example (labels -100), for an empty summary.
-        f = encode_example(tokenizer, t, "", prompt_template, use_chat_template, max_source_length, 1)
-        prompt_ids.append([i for i, label in zip(f["input_ids"], f["labels"]) if label == -100])
-        truncated += f["truncated_source"]
+        ids, cut = encode_prompt(tokenizer, t, settings.prompt_template, settings.use_chat_template, settings.max_source_length)
+        prompt_ids.append(ids)
+        truncated += cut
     if truncated:
-        log.info("%d of %d texts cut to fit max_source_length=%d tokens", truncated, len(texts), max_source_length)
+        log.info("%d of %d texts cut to fit max_source_length=%d tokens", truncated, len(texts), settings.max_source_length)
     return prompt_ids
 
 
-def greedy_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
-    """The model's generation config made plain greedy: no sampling, beams or penalties from the hub."""
+def stop_token_ids(model: Any, tokenizer: Any, use_chat_template: bool = True) -> list[int]:
+    """Every token that ends an answer, in this order, without repeats: the eos (one or a list) of the
+    model's generation config, the tokenizer's eos, and the end-of-turn token of the chat template when
+    prompts go through it (`tasks.core.prompt.chat_format`).
+
+    A template whose assistant turn cannot be located adds no token (training refuses such a template;
+    a zero-shot candidate may still carry one): a warning says so.
+
+    Raises:
+        ValueError: none of them defines a token.
+    """
+    config = getattr(model, "generation_config", None)
+    ids = [*_as_list(getattr(config, "eos_token_id", None)), *_as_list(tokenizer.eos_token_id)]
+    if uses_chat_template(tokenizer, use_chat_template):
+        try:
+            ids.append(chat_format(tokenizer).end_of_turn_id)
+        except ChatTemplateError as e:
+            log.warning("generation stops only on eos: %s", e)
+    if not ids:
+        raise ValueError("neither the model's generation config nor the tokenizer defines an eos token")
+    return list(dict.fromkeys(ids))
+
+
+def greedy_config(model: Any, tokenizer: Any, max_new_tokens: int, use_chat_template: bool = True) -> Any:
+    """The model's generation config made plain greedy (no sampling, beams or penalties from the hub),
+    stopping on every stop token (`stop_token_ids`).
+
+    It carries no repetition controls: those are `repetition_processors(settings, prompt_width)`,
+    passed beside it as `model.generate(..., generation_config=..., logits_processor=...)` by
+    `generate` and the app's streaming alike.
+    """
     from transformers import GenerationConfig
 
     base = model.generation_config if model.generation_config is not None else GenerationConfig()
-    eos = base.eos_token_id if base.eos_token_id is not None else tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("neither the model's generation config nor the tokenizer defines an eos token")
     return GenerationConfig(
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
+        eos_token_id=stop_token_ids(model, tokenizer, use_chat_template),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=base.bos_token_id,
         use_cache=True,
     )
 
 
+def repetition_processors(settings: GenerationSettings, prompt_width: int) -> Any:
+    """The `LogitsProcessorList` of the settings' repetition controls, looking only at the columns from
+    `prompt_width` on (the generated tokens). Empty when both are off.
+
+    Args:
+        settings: `no_repeat_ngram_size` and `repetition_penalty`.
+        prompt_width: the width of the input handed to `model.generate` (left-padded: every row's
+            generated tokens start there).
+    """
+    from transformers import LogitsProcessorList
+
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(GeneratedRepetitionPenalty(settings.repetition_penalty, prompt_width))
+    if settings.no_repeat_ngram_size > 0:
+        processors.append(GeneratedNoRepeatNGram(settings.no_repeat_ngram_size, prompt_width))
+    return processors
+
+
+class GeneratedRepetitionPenalty:
+    """transformers' `RepetitionPenaltyLogitsProcessor` over the generated tokens only: a token that was
+    generated before has its logit divided by `penalty` (multiplied when the logit is negative)."""
+
+    def __init__(self, penalty: float, prompt_width: int) -> None:
+        if not penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        self.penalty, self.prompt_width = float(penalty), int(prompt_width)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        generated = input_ids[:, self.prompt_width :]
+        if generated.shape[1] == 0:
+            return scores
+        picked = torch.gather(scores, 1, generated)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores.scatter(1, generated, picked)
+
+
+class GeneratedNoRepeatNGram:
+    """transformers' `NoRepeatNGramLogitsProcessor` over the generated tokens only: a token that would
+    complete an n-gram already generated in this row gets -inf (a prompt n-gram may be generated)."""
+
+    def __init__(self, ngram_size: int, prompt_width: int) -> None:
+        if ngram_size < 1:
+            raise ValueError(f"no_repeat_ngram_size must be >= 1 here, got {ngram_size}")
+        self.n, self.prompt_width = int(ngram_size), int(prompt_width)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        generated = input_ids[:, self.prompt_width :]
+        n, length = self.n, generated.shape[1]
+        if length + 1 < n:
+            return scores
+        scores = scores.clone()
+        for row, ids in enumerate(generated.tolist()):
+            prefix = tuple(ids[length - n + 1 :]) if n > 1 else ()
+            banned = {ids[i + n - 1] for i in range(length - n + 1) if tuple(ids[i : i + n - 1]) == prefix}
+            if banned:
+                scores[row, sorted(banned)] = float("-inf")
+        return scores
+
+
 def _decode_until_eos(tokenizer: Any, ids: list[int], eos_ids: set[int]) -> str:
-    """Decode the tokens before the first eos (what follows it is padding)."""
+    """Decode the tokens before the first stop token (what follows it is padding)."""
     for n, t in enumerate(ids):
         if t in eos_ids:
             ids = ids[:n]

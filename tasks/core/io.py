@@ -118,14 +118,24 @@ def set_seed(seed: int) -> None:
         pass
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), else all of them."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
 def configure_threads(threads: int = 0, ranks: int = 1) -> int:
     """Set torch's intra-op threads: `threads`, or the cores shared evenly among `ranks`.
 
     Two ranks each using every core slows training many times over on a small machine, so every
-    entry point that runs torch calls this. Returns the thread count set.
+    entry point that runs torch calls this. The count never comes from the environment
+    (OMP_NUM_THREADS): it changes the bits torch computes (`tasks.core.launch.threads_per_rank`).
+    Returns the thread count set.
     """
     import torch
 
-    n = threads or max(1, (os.cpu_count() or 1) // max(1, ranks))
+    n = threads or max(1, usable_cores() // max(1, ranks))
     torch.set_num_threads(n)
     return n

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from tasks.core.errors import StageError
+from tasks.core.io import usable_cores
 from tasks.core.stage_params import StageParams
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,17 @@ def ensure_distributed_env() -> None:
 
 
 def threads_per_rank(configured: int, ranks: int) -> int:
-    """Torch threads for each rank: `configured`, else an explicit OMP_NUM_THREADS, else cores / ranks."""
+    """Torch threads for each rank: `configured`, else this process's cores / ranks.
+
+    Never the environment (OMP_NUM_THREADS): how torch splits an op among threads decides which
+    elements take the vectorised path and which the scalar tail, so the thread count changes the
+    last bits of activations and gradients, and then the trained weights. A stage run by the flow (or a
+    test, a benchmark) with OMP_NUM_THREADS=1 and the same stage run from a plain shell would train
+    different models from the same inputs. The count is `train.torch_threads` or follows the machine.
+    """
     if configured:
         return configured
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, (os.cpu_count() or 1) // max(1, ranks))
+    return max(1, usable_cores() // max(1, ranks))
 
 
 def is_rank_zero() -> bool:

@@ -17,6 +17,7 @@ from tasks.core.stages import FINAL_MODEL_STAGE, STAGE_NAMES
 SPLITS = ("train", "val", "test")
 MODEL_DIR = "model"
 SELECT_CHOICE = "choice.json"
+SPLIT_ASSIGNMENTS = "assignments.jsonl"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Layout:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; the splits are {SPLITS}")
         return self.stage_dir("split") / f"{name}.jsonl"
+
+    @property
+    def split_assignments(self) -> Path:
+        """The split stage's memory of every row's split: one `{"text_sha256", "split", "salt", "round"}` per line."""
+        return self.stage_dir("split") / SPLIT_ASSIGNMENTS
 
     def model_dir(self, stage: str) -> Path:
         """The Hugging Face model folder a model-producing stage writes (`artifacts/<stage>/model`)."""

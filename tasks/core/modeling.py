@@ -135,9 +135,6 @@ def load_model_and_tokenizer(
         StageError: the directory does not exist / has no config, or the hub id cannot be fetched
             (no network and no HF cache), or the architecture is not a causal LM transformers knows.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     name = str(name_or_path)
     path = Path(name)
     looks_local = path.is_absolute() or name.startswith((".", "/")) or path.exists()
@@ -148,12 +145,7 @@ def load_model_and_tokenizer(
         )
     try:
         tokenizer = load_tokenizer(name, trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            trust_remote_code=trust_remote_code,
-            dtype=dtype if dtype is not None else torch.float32,
-            device_map=device_map,
-        )
+        model = load_model(name, trust_remote_code, dtype, device_map)
     except (OSError, ValueError, KeyError) as e:
         hint = (
             "it is not a local folder, so it is a hub id: that needs network access or a filled HF cache"
@@ -167,6 +159,18 @@ def load_model_and_tokenizer(
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_model(name: str | Path, trust_remote_code: bool = False, dtype: Any = None, device_map: Any = None) -> Any:
+    """The causal LM alone (float32 unless `dtype`), for a caller that has its tokenizer already: a large
+    vocabulary's tokenizer takes seconds to load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(name), trust_remote_code=trust_remote_code, dtype=dtype if dtype is not None else torch.float32,
+        device_map=device_map,
+    )
 
 
 def load_tokenizer(name: str, trust_remote_code: bool) -> Any:
@@ -210,9 +214,106 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def linear_module_names(model: Any) -> list[str]:
-    """Sorted short names (`q_proj`, `down_proj`, ...) of the Linear layers LoRA can target."""
-    import torch
+# PEFT's shorthand for every Linear and Conv1D layer but the output head.
+ALL_LINEAR = "all-linear"
+# The layer types PEFT's LoRA adapts (transformers' Conv1D: GPT-2's attention and MLP).
+LORA_LAYER_TYPES = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Conv3d")
 
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    return sorted(names)
+
+def _linear_types() -> tuple[type, ...]:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Sorted short names (`q_proj`, `c_attn`, ...) of the Linear and Conv1D layers LoRA can target."""
+    linear = _linear_types()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, linear)})
+
+
+def _lora_targets(target_modules: list[str] | str) -> list[str] | str:
+    """`train.lora.target_modules` as PEFT takes it (`[all-linear]` written as a list is the shorthand too)."""
+    if isinstance(target_modules, str):
+        return target_modules
+    return ALL_LINEAR if list(target_modules) == [ALL_LINEAR] else list(target_modules)
+
+
+def resolve_lora_targets(model: Any, target_modules: list[str] | str, key: str = "train.lora.target_modules") -> list[str]:
+    """The full names of the modules LoRA will adapt, matched exactly as PEFT matches them.
+
+    `all-linear` is every Linear and Conv1D layer but the output head; a list names modules by name or
+    name suffix (`q_proj`, `attn.c_attn`); a single string is a regular expression over full module
+    names (`.*\\.(q|v)_proj`).
+
+    Args:
+        model: the causal LM (not yet wrapped).
+        target_modules: params `train.lora.target_modules`.
+        key: the params key named in errors.
+
+    Returns:
+        The matched module names, in model order.
+
+    Raises:
+        ParamsError: a listed target (or the expression) matches no module, or a match is not a layer
+            LoRA adapts; the message lists the model's Linear and Conv1D layers.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from tasks.core.config import ParamsError
+
+    targets = _lora_targets(target_modules)
+    linear = _linear_types()
+    modules = dict(model.named_modules())
+    if targets == ALL_LINEAR:
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        matched = [n for n, m in modules.items() if isinstance(m, linear) and m is not output]
+    else:
+        config = LoraConfig(target_modules=targets)
+        matched = [n for n in modules if n and check_target_module_exists(config, n)]
+    has = ", ".join(f"{n} ({k})" for n, k in _layer_kinds(model).items())
+    problems = []
+    if isinstance(targets, list):
+        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in matched)]
+        if missing or not targets:
+            problems.append(f"{missing or '[] (empty)'} not found in the model")
+    elif not matched:
+        problems.append(f"{targets!r} matches no module of the model")
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in matched if type(modules[n]).__name__ not in LORA_LAYER_TYPES]
+    if wrong:
+        problems.append(f"matches modules LoRA cannot adapt: {', '.join(wrong[:6])}")
+    if problems:
+        raise ParamsError(
+            f"{key}: {'; '.join(problems)} ({getattr(model.config, 'model_type', type(model).__name__)}); its Linear "
+            f"and Conv1D layers are {has or 'none'}. Name them (or a suffix such as `attn.c_attn`), give one regular "
+            f"expression over full names, or use {ALL_LINEAR}"
+        )
+    return matched
+
+
+def _layer_kinds(model: Any) -> dict[str, str]:
+    """Short name -> layer type of the Linear and Conv1D layers, sorted (what an error lists)."""
+    linear = _linear_types()
+    kinds = {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in model.named_modules() if isinstance(m, linear)}
+    return dict(sorted(kinds.items()))
+
+
+def with_lora(model: Any, lora: Any, key: str = "train.lora.target_modules") -> Any:
+    """The model wrapped with a PEFT LoRA adapter of params `train.lora` (targets checked first).
+
+    Raises:
+        ParamsError: a target the model lacks (`resolve_lora_targets`).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    resolve_lora_targets(model, lora.target_modules, key)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=_lora_targets(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

@@ -21,8 +21,8 @@ def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
 
 
 def write_loss_curve(rows: list[dict[str, Any]], csv_path: Path, png_path: Path, title: str) -> None:
-    """Write the loss rows as CSV (columns step,train_loss,val_loss for `dvc plots show`) and a PNG plot."""
-
+    """Write the loss rows as CSV (step,train_loss,val_loss[,val_rouge_l] for `dvc plots show`) and a PNG
+    plot: the losses, and the validation ROUGE-L on a second axis when it was measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +31,8 @@ def write_loss_curve(rows: list[dict[str, Any]], csv_path: Path, png_path: Path,
     def cell(v: Any) -> str:
         return "" if v is None else f"{v:.6g}"
 
-    lines = ["step,train_loss,val_loss"] + [f"{r['step']},{cell(r['train_loss'])},{cell(r['val_loss'])}" for r in rows]
+    columns = list(rows[0]) if rows else ["step", "train_loss", "val_loss"]
+    lines = [",".join(columns)] + [",".join(str(r["step"]) if c == "step" else cell(r[c]) for c in columns) for r in rows]
     atomic_write_text(Path(csv_path), "\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -43,5 +44,13 @@ def write_loss_curve(rows: list[dict[str, Any]], csv_path: Path, png_path: Path,
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    rouge = [(r["step"], r["val_rouge_l"]) for r in rows if r.get("val_rouge_l") is not None]
+    if rouge:
+        right = ax.twinx()
+        right.plot(*zip(*rouge), color="tab:green", marker="s", markersize=3, label="validation ROUGE-L")
+        right.set_ylabel("validation ROUGE-L (F × 100)")
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels)
     save_figure(fig, Path(png_path), dpi=100)

@@ -10,13 +10,16 @@ per-row score store. Every stage and the flow ask here; only `promote` moves `ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import StageError
 from tasks.core.io import write_json
+from tasks.core.layout import SPLITS
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -27,6 +30,10 @@ CONTENT_TAG = "sftflow.content_sha256"
 RUN_MODEL_TAG = "sftflow.model_sha256"
 RUN_PARAMS_TAG = "params.sha256"
 DECISION_TAG = "promote.decision"
+# How a version generates (its `sftflow.json` less batch size) and that dict's hash: the gate scores
+# each version under its own settings, and row scores are keyed by the hash.
+SETTINGS_TAG = "sftflow.settings"
+SETTINGS_SHA_TAG = "sftflow.settings_sha256"
 ROW_METRIC = "rouge-l"
 ROW_SCORES_DIR = "row_scores"
 
@@ -83,9 +90,21 @@ def champion_version(name: str) -> Any:
     try:
         return client().get_model_version_by_alias(name, CHAMPION)
     except MlflowException as e:
-        if _missing(e):
+        if _missing(e) or hidden_or_missing(e, name):
             return None
         raise
+
+
+def hidden_or_missing(e: Exception, name: str) -> bool:
+    """True when the server denied a request about registered model `name` because it does not exist.
+
+    MLflow's basic-auth server answers 403, not 404, to a non-admin asking about a model that does not
+    exist (it does not tell who may see what); a search lists only the models the user can read, so
+    when it does not list `name` either, there is no such model for this user.
+    """
+    if getattr(e, "error_code", None) != "PERMISSION_DENIED" and "error code 403" not in str(e):
+        return False
+    return not client().search_registered_models(filter_string=f"name = '{name}'")
 
 
 def newest_version(mlflow_client: Any, name: str) -> Any:
@@ -138,20 +157,134 @@ def awaits_promotion(name: str, version: Any) -> bool:
     return max(int(v.version) for v in versions) == int(version.version)
 
 
-def save_row_scores(run_id: str, test_sha256: str, scores: dict[str, float]) -> None:
-    """Store per-row ROUGE-L of a run's model on the test split with that hash, as a run artifact."""
+def settings_sha256(settings: dict[str, Any]) -> str:
+    """Hash of a version's generation settings (`SETTINGS_TAG`)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def row_scores_key(test_sha256: str, settings_sha: str | None, scoring_version: int) -> str:
+    """The name per-row scores are stored under: the test split, the version's settings, the scoring code.
+
+    Two versions' scores are compared only under equal test split and scoring version, each generated
+    with the settings it is registered (and served) with.
+    """
+    return f"{test_sha256}.{(settings_sha or 'unknown')[:16]}.s{scoring_version}"
+
+
+def save_row_scores(run_id: str, key: str, scores: dict[str, float]) -> None:
+    """Store per-row ROUGE-L of a run's model under `row_scores_key`, as a run artifact."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{test_sha256}.json"
-        write_json(path, {"test_sha256": test_sha256, "metric": ROW_METRIC, "scores": scores})
+        path = Path(tmp) / f"{key}.json"
+        write_json(path, {"key": key, "metric": ROW_METRIC, "scores": scores})
         client().log_artifact(run_id, str(path), artifact_path=ROW_SCORES_DIR)
 
 
-def load_row_scores(run_id: str, test_sha256: str) -> dict[str, float] | None:
-    """Per-row ROUGE-L stored in a run for that test split, or None when there are none for it."""
-    c = client()
-    names = {Path(f.path).name for f in c.list_artifacts(run_id, ROW_SCORES_DIR)}
-    if f"{test_sha256}.json" not in names:
+def load_row_scores(run_id: str, key: str) -> dict[str, float] | None:
+    """Per-row ROUGE-L stored in a run under `key`, or None when there are none under it."""
+    return read_row_scores(client(), run_id, key)
+
+
+def read_row_scores(mlflow_client: Any, run_id: str, key: str) -> dict[str, float] | None:
+    """`load_row_scores` through a given client (a reader that must not touch the global tracking URI)."""
+    names = {Path(f.path).name for f in mlflow_client.list_artifacts(run_id, ROW_SCORES_DIR)}
+    if f"{key}.json" not in names:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        local = c.download_artifacts(run_id, f"{ROW_SCORES_DIR}/{test_sha256}.json", tmp)
+        local = mlflow_client.download_artifacts(run_id, f"{ROW_SCORES_DIR}/{key}.json", tmp)
         return {str(k): float(v) for k, v in json.loads(Path(local).read_text(encoding="utf-8"))["scores"].items()}
+
+
+def runs_by_id(mlflow_client: Any, run_ids: list[str]) -> dict[str, Any]:
+    """The MLflow runs with these ids (deleted ones too), in a few searches rather than one call each.
+
+    A version's metrics live on the run that registered it, so a view of many versions reads their
+    runs here. A run id that is gone (the run was garbage-collected) is absent from the result.
+    """
+    from mlflow.entities import ViewType
+
+    wanted = sorted({r for r in run_ids if r})
+    if not wanted:
+        return {}
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ALL)]
+    found: dict[str, Any] = {}
+    for i in range(0, len(wanted), 100):  # keep each filter short
+        chunk = wanted[i : i + 100]
+        ids = ", ".join(f"'{r}'" for r in chunk)
+        for run in mlflow_client.search_runs(
+            experiments, filter_string=f"attributes.run_id IN ({ids})", run_view_type=ViewType.ALL, max_results=len(chunk)
+        ):
+            found[run.info.run_id] = run
+    return found
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The chain of a model version: data → validation → splits → params → code → flow run → metrics →
+    promotion → aliases (then its variants), as `sftflow lineage` prints it and the review dashboard shows it.
+
+    Attributes:
+        name: registered model name.
+        version: version number.
+        run_id: the MLflow run that registered it.
+        steps: (step, what the registry says) in chain order.
+    """
+
+    name: str
+    version: str
+    run_id: str | None
+    steps: tuple[tuple[str, str], ...]
+
+    def text(self) -> str:
+        """The multi-line report of `sftflow lineage`."""
+        lines = [f"{self.name} version {self.version}  (run {self.run_id})"]
+        for n, (step, value) in enumerate(self.steps):
+            head = "  " + ("" if n == 0 else "  " if step == "variants" else "↓ ") + step
+            lines.append(f"{head:<13} {value}")
+        return "\n".join(lines)
+
+
+def lineage_of(
+    name: str, version: str | int, run_id: str | None, tags: dict[str, str], aliases: list[str], run_metrics: dict[str, float]
+) -> Lineage:
+    """The lineage of a version from what the registry holds on it (no calls here).
+
+    Args:
+        name: registered model name.
+        version: version number.
+        run_id: the run that registered it.
+        tags: the version's tags.
+        aliases: the aliases pointing at it.
+        run_metrics: the metrics of its run (`evaluate.*` are listed).
+    """
+    t = tags or {}
+    metrics = {k[len("evaluate."):]: f"{v:.4f}" for k, v in sorted(run_metrics.items()) if k.startswith("evaluate.")}
+    dirty = {"true": " (tree dirty: uncommitted changes)", "false": ""}.get(t.get("code.dirty", ""), " (dirty: unknown)")
+    steps = [
+        ("data", f"{t.get('data.path', '?')}  sha256 {t.get('data.sha256', '?')}"
+         + (f"  dvc md5 {t['data.dvc_md5']}" if "data.dvc_md5" in t else "")),
+        ("validation", f"success={t.get('validate.success', '?')}"),
+        ("splits", "  ".join(f"{s} {t.get(f'split.{s}_sha256', '?')[:12]}" for s in SPLITS)),
+        ("params", f"sha256 {t.get('params.sha256', '?')}  base model {t.get('model.base', '?')}"),
+        ("code", f"commit {t.get('code.commit', '?')}{dirty}"),
+        ("flow run", t.get("prefect.flow_run_id", "?")),
+        ("metrics", "  ".join(f"{k} {v}" for k, v in metrics.items()) or "(none)"),
+        ("promotion", t.get(DECISION_TAG, "not yet gated") + (f": {t['promote.reason']}" if "promote.reason" in t else "")),
+        ("aliases", ", ".join(sorted(aliases)) or "(none)"),
+    ]
+    variants = variant_uris(t)
+    if variants:
+        steps.append(("variants", "  ".join(f"{m} {uri}" for m, uri in sorted(variants.items()))))
+    return Lineage(name=name, version=str(version), run_id=run_id, steps=tuple(steps))
+
+
+def version_lineage(mlflow_client: Any, name: str, version: str | int) -> Lineage:
+    """The lineage of a version number or alias, read from the registry.
+
+    Raises:
+        StageError: the version or alias does not exist.
+    """
+    mv = resolve_version(mlflow_client, name, version)
+    aliases = mlflow_client.get_registered_model(name).aliases
+    own = [a for a, v in aliases.items() if str(v) == str(mv.version)]
+    run_metrics = mlflow_client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    return lineage_of(name, mv.version, mv.run_id, mv.tags, own, run_metrics)

@@ -1,10 +1,12 @@
-"""ROUGE-1/2/L and BLEU-4 that are correct for Chinese, with bootstrap confidence intervals.
+"""ROUGE-1/2/L and BLEU-4 as each language's literature reports them, with bootstrap confidence intervals.
 
 Chinese is segmented into words with jieba and scored with rouge-chinese (F × 100), the method
 LLaMA-Factory and ChatGLM report; generic ROUGE tokenizers keep ASCII only and score Chinese as 0.
-English uses lower-cased NLTK word tokens (`wordpunct_tokenize`: a regex, no downloaded data),
-punctuation dropped.
-BLEU-4 is NLTK's smoothed `sentence_bleu` on the same tokens.
+English is scored with Google's `rouge_score` (`RougeScorer(["rouge1", "rouge2", "rougeL"],
+use_stemmer=True)`, F × 100): lower-cased `[a-z0-9]+` tokens, Porter-stemmed, the way the English
+summarisation papers (CNN/DailyMail, XSum) report ROUGE; rouge-l is the sentence-level rougeL, not
+the newline-split rougeLsum.
+BLEU-4 is NLTK's smoothed `sentence_bleu` on the words `tokenize` gives (English unstemmed).
 
 An empty prediction is scored 0 on every metric and counted; nothing is put in its place.
 """
@@ -20,8 +22,14 @@ from tasks.core.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever a score of the same text changes (tokenisation, the ROUGE implementation): per-row
+# scores stored in the registry are keyed by it, so scores of different versions are never compared.
+# 2: English ROUGE by rouge_score with the Porter stemmer (was rouge-chinese on NLTK word tokens).
+SCORING_VERSION = 2
 METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 LANGUAGES = ("zh", "en")
+# Our metric names and rouge_score's, for English.
+ROUGE_SCORE_TYPES = {"rouge-1": "rouge1", "rouge-2": "rouge2", "rouge-l": "rougeL"}
 
 
 @lru_cache(maxsize=1)
@@ -42,6 +50,13 @@ def _rouge() -> Any:
 
 
 @lru_cache(maxsize=1)
+def _rouge_en() -> Any:
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(list(ROUGE_SCORE_TYPES.values()), use_stemmer=True)
+
+
+@lru_cache(maxsize=1)
 def _bleu() -> tuple[Any, Any]:
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
@@ -50,7 +65,7 @@ def _bleu() -> tuple[Any, Any]:
 
 
 def tokenize(text: str, language: str) -> list[str]:
-    """Words of a text as scored: jieba words for zh, lower-cased NLTK word tokens for en; no whitespace.
+    """Words of a text as scored: jieba words for zh, rouge_score's tokens (unstemmed) for en; no whitespace.
 
     Args:
         text: any text.
@@ -62,10 +77,10 @@ def tokenize(text: str, language: str) -> list[str]:
     if language == "zh":
         return [w for w in _jieba().lcut(text) if w.strip()]
     if language == "en":
-        from nltk.tokenize import wordpunct_tokenize
+        from rouge_score.tokenize import tokenize as rouge_score_tokenize
 
-        # Punctuation-only tokens are dropped, as in Google's rouge-score; Chinese keeps jieba's output whole.
-        return [w for w in wordpunct_tokenize(text.lower()) if any(c.isalnum() for c in w)]
+        # Lower-cased [a-z0-9]+ runs, what RougeScorer itself scores (before it stems them).
+        return rouge_score_tokenize(text, None)
     raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
 
 
@@ -81,22 +96,23 @@ def score_row(prediction: str, reference: str, language: str) -> dict[str, float
     ref = tokenize(reference, language)
     if not ref:
         raise ValueError(f"reference {reference!r} has no words to score against")
-    return _score_tokens(tokenize(prediction, language), ref)
+    return _score_pair(prediction, reference, tokenize(prediction, language), ref, language)
 
 
-def _score_tokens(hyp: list[str], ref: list[str]) -> dict[str, float]:
-    """The four metrics of tokenized hypothesis and reference; all 0 for an empty hypothesis."""
+def _score_pair(prediction: str, reference: str, hyp: list[str], ref: list[str], language: str) -> dict[str, float]:
+    """The four metrics of a hypothesis and its reference (texts and `tokenize`'s words); all 0 for an empty hypothesis."""
     if not hyp:
         return dict.fromkeys(METRICS, 0.0)
-    rouge = _rouge().get_scores(" ".join(hyp), " ".join(ref))[0]
+    if language == "zh":
+        rouge = _rouge().get_scores(" ".join(hyp), " ".join(ref))[0]
+        out = {m: 100.0 * rouge[m]["f"] for m in ROUGE_SCORE_TYPES}
+    else:
+        # rouge_score tokenizes and stems the texts itself: the figures are exactly RougeScorer's.
+        rouge = _rouge_en().score(reference, prediction)
+        out = {m: 100.0 * rouge[t].fmeasure for m, t in ROUGE_SCORE_TYPES.items()}
     sentence_bleu, smoothing = _bleu()
-    bleu = sentence_bleu([ref], hyp, smoothing_function=smoothing)
-    return {
-        "rouge-1": 100.0 * rouge["rouge-1"]["f"],
-        "rouge-2": 100.0 * rouge["rouge-2"]["f"],
-        "rouge-l": 100.0 * rouge["rouge-l"]["f"],
-        "bleu-4": 100.0 * bleu,
-    }
+    out["bleu-4"] = 100.0 * sentence_bleu([ref], hyp, smoothing_function=smoothing)
+    return out
 
 
 def score(
@@ -113,7 +129,7 @@ def score(
     Args:
         predictions: generated summaries.
         references: reference summaries, same length and order.
-        language: `zh` (jieba words) or `en` (lower-cased NLTK word tokens).
+        language: `zh` (jieba words, rouge-chinese) or `en` (rouge_score with the Porter stemmer).
         bootstrap_samples: resamples of the rows for each interval.
         seed: seeds the resampling, so intervals are reproducible.
         confidence: the interval's coverage (0.95 = 2.5th to 97.5th percentile).
@@ -138,7 +154,7 @@ def score(
             raise ValueError(f"row {i}: reference {r!r} has no words to score against")
         hyp = tokenize(p, language)
         empty += not hyp
-        per_row.append(_score_tokens(hyp, ref))
+        per_row.append(_score_pair(p, r, hyp, ref, language))
     out: dict[str, Any] = {}
     for m in METRICS:
         column = [row[m] for row in per_row]
@@ -246,3 +262,43 @@ def compare_prediction_files(
         log.warning("comparing on the %d ids both files hold (%d and %d rows)", len(shared), len(a), len(b))
     return paired_bootstrap([a[i] for i in shared], [b[i] for i in shared], samples, seed)
 
+
+
+def output_stats(predictions: Sequence[str], references: Sequence[str], language: str) -> dict[str, float]:
+    """What a reader notices before any ROUGE: are the outputs different from each other, do they stutter,
+    are they the right length.
+
+    Units are characters for zh and words (whitespace-separated) for en.
+
+    Args:
+        predictions: one output per row (raw, as generated).
+        references: the reference summaries, in the same order.
+        language: `zh` or `en`.
+
+    Returns:
+        `distinct_share` (distinct outputs ÷ rows), `repeat_share` (share of outputs with one unit repeated
+        3+ times in a row, e.g. "国国国" or "the the the"), `mean_length`, `reference_mean_length` and
+        `length_ratio` (mean output length ÷ mean reference length).
+
+    Raises:
+        ValueError: no rows, or the lists differ in length.
+    """
+    if not predictions or len(predictions) != len(references):
+        raise ValueError(f"need the same non-zero number of predictions and references, got {len(predictions)} and {len(references)}")
+
+    def units(text: str) -> list[str]:
+        return text.split() if language == "en" else [c for c in text if not c.isspace()]
+
+    def stutters(text: str) -> bool:
+        u = units(text)
+        return any(u[i] == u[i + 1] == u[i + 2] for i in range(len(u) - 2))
+
+    mean_length = sum(len(units(p)) for p in predictions) / len(predictions)
+    reference_length = sum(len(units(r)) for r in references) / len(references)
+    return {
+        "distinct_share": len(set(predictions)) / len(predictions),
+        "repeat_share": sum(stutters(p) for p in predictions) / len(predictions),
+        "mean_length": mean_length,
+        "reference_mean_length": reference_length,
+        "length_ratio": mean_length / reference_length if reference_length else float("nan"),
+    }

@@ -86,7 +86,7 @@ class StageParams:
         raise AttributeError(f"params are read-only inside a stage (tried to set {key})")
 
     def digest(self) -> str:
-        """sha256 of *all* resolved params: lineage records it (`params.sha256`), it reads no value."""
+        """`Params.digest` (the model-changing sections): lineage records it (`params.sha256`); it reads no value."""
         return self._params.digest()
 
     def save(self, path: Path) -> None:

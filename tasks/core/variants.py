@@ -4,7 +4,8 @@ process (the quantize stage writes it, the registry's pyfunc model and the app l
 A variant folder holds the weights (safetensors), config, tokenizer and a marker file,
 `sftflow_quantization.json`, naming the method, the scheme and the library versions:
 
-- `int8` (CPU): every `nn.Linear` (the tied `lm_head` included) is PyTorch's dynamically quantized int8
+- `int8` (CPU): every `nn.Linear` (the tied `lm_head` included) and every transformers `Conv1D` (GPT-2's
+  attention and MLP: a linear layer whose weight is stored transposed, `(in, out)`) is PyTorch's dynamically quantized int8
   linear (`torch.ao.nn.quantized.dynamic.Linear`: int8 weights with one scale per output channel,
   activations quantized per batch); embeddings are stored as int8 with one scale per row and dequantized
   on load. The file holds plain int8 + float32 tensors (no pickle) and the marker lists the modules, so
@@ -46,23 +47,31 @@ def int8_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Every `nn.Linear` and `nn.Embedding` weight becomes `<module>.weight_int8` (int8) and
     `<module>.weight_scale` (float32, one per row); a weight shared by two modules (tied embeddings) is
-    stored once and the second module is listed in `aliases`. Every other parameter and persistent
-    buffer is kept in float32 under its usual name.
+    stored once and the second module is listed in `aliases`. A `Conv1D` weight is transposed first, so
+    it is stored like a Linear's, `(out, in)` with one scale per output channel. Every other parameter
+    and persistent buffer is kept in float32 under its usual name.
 
     Args:
         model: a float causal LM on the CPU.
 
     Returns:
-        (tensors, layout) where layout has `linear`, `embedding` (module names) and `aliases`
+        (tensors, layout) where layout has `linear`, `conv1d`, `embedding` (module names) and `aliases`
         (module name -> module whose int8 weight it reuses).
     """
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     tensors: dict[str, Any] = {}
-    layout: dict[str, Any] = {"linear": [], "embedding": [], "aliases": {}}
+    layout: dict[str, Any] = {"linear": [], "conv1d": [], "embedding": [], "aliases": {}}
     owner_of: dict[int, str] = {}
     handled: set[str] = set()
     for name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            # Its own weight, transposed: never an alias of an embedding or a Linear (those are not transposed).
+            layout["conv1d"].append(name)
+            handled.add(f"{name}.weight")
+            tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = _int8_rows(module.weight.t())
+            continue
         if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             continue
         layout["linear" if isinstance(module, torch.nn.Linear) else "embedding"].append(name)
@@ -82,8 +91,8 @@ def apply_int8(model: Any, tensors: dict[str, Any], layout: dict[str, Any]) -> A
     """Put the int8 form into a model of the same architecture (in place): the one path shared by
     `quantize_int8` and `load_quantized`, so both give bit-identical outputs.
 
-    Linears become `torch.ao.nn.quantized.dynamic.Linear` (int8 weight, per-channel scales); embeddings
-    get their int8 weight dequantized (a lookup costs no matmul; only the disk copy is int8).
+    Linears and Conv1Ds become `torch.ao.nn.quantized.dynamic.Linear` (int8 weight, per-channel scales;
+    a Conv1D computes `x @ W + b`, which is a Linear of `W.T`); embeddings get their int8 weight dequantized (a lookup costs no matmul; only the disk copy is int8).
 
     Returns:
         The model, in eval mode.
@@ -98,7 +107,8 @@ def apply_int8(model: Any, tensors: dict[str, Any], layout: dict[str, Any]) -> A
             "this torch build has no quantized CPU engine (torch.backends.quantized.supported_engines is "
             f"{torch.backends.quantized.supported_engines}); use a CPU torch wheel for x86 or ARM"
         )
-    quantized = set(layout["linear"]) | set(layout["embedding"])
+    conv1d = layout.get("conv1d", [])  # absent from variants written before Conv1D was quantized
+    quantized = set(layout["linear"]) | set(conv1d) | set(layout["embedding"])
     rest = {k: v for k, v in tensors.items() if not k.endswith((".weight_int8", ".weight_scale"))}
     result = model.load_state_dict(rest, strict=False)
     missing = [k for k in result.missing_keys if k.rsplit(".", 1)[0] not in quantized]
@@ -119,19 +129,21 @@ def apply_int8(model: Any, tensors: dict[str, Any], layout: dict[str, Any]) -> A
     with warnings.catch_warnings():
         # Known and documented above (pytorch/pytorch#184982): the qint8 deprecation, once per module.
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*are deprecated")
-        for name in layout["linear"]:
+        for name in [*layout["linear"], *conv1d]:
             _replace_linear(model, name, *source(name))
     model.eval()
     return model
 
 
 def _replace_linear(model: Any, name: str, q: Any, scale: Any) -> None:
-    """Swap the float linear `name` for a dynamically quantized int8 linear holding `q` and `scale`."""
+    """Swap the float linear (or Conv1D) `name` for a dynamically quantized int8 linear holding `q` and
+    `scale`, whose shape `(out, in)` gives the layer's."""
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
     old = model.get_submodule(name)
-    new = DynamicInt8Linear(old.in_features, old.out_features, bias_=old.bias is not None, dtype=torch.qint8)
+    out_features, in_features = q.shape
+    new = DynamicInt8Linear(in_features, out_features, bias_=old.bias is not None, dtype=torch.qint8)
     # q * scale re-quantizes to exactly q: the float error is far below half a step.
     qweight = torch.quantize_per_channel(
         q.float() * scale[:, None], scale.double(), torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8
@@ -148,8 +160,10 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def save_int8(tensors: dict[str, Any], layout: dict[str, Any], model: Any, tokenizer: Any, out_dir: Path) -> None:
-    """Write the int8 form as safetensors + config + tokenizer + the marker file."""
+def save_int8(
+    tensors: dict[str, Any], layout: dict[str, Any], model: Any, tokenizer: Any, out_dir: Path, source_sha256: str | None = None
+) -> None:
+    """Write the int8 form as safetensors + config + tokenizer + the marker file (naming the source model's hash)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -165,11 +179,21 @@ def save_int8(tensors: dict[str, Any], layout: dict[str, Any], model: Any, token
         library="torch.ao.nn.quantized.dynamic (fbgemm/onednn int8 GEMM)",
         scheme="symmetric int8 weights, one float32 scale per output channel; int8 activations per batch",
         layout=layout,
+        source_sha256=source_sha256,
     )
 
 
-def write_marker(out_dir: Path, method: str, *, library: str, scheme: str, layout: dict[str, Any] | None = None) -> None:
-    """The marker that says how a folder was quantized and which loader reads it (`load_quantized`)."""
+def write_marker(
+    out_dir: Path,
+    method: str,
+    *,
+    library: str,
+    scheme: str,
+    layout: dict[str, Any] | None = None,
+    source_sha256: str | None = None,
+) -> None:
+    """The marker that says how a folder was quantized, from which model (`source_sha256`: the content
+    hash of the full-precision folder) and which loader reads it (`load_quantized`)."""
     marker = {
         "format_version": FORMAT_VERSION,
         "method": method,
@@ -177,6 +201,7 @@ def write_marker(out_dir: Path, method: str, *, library: str, scheme: str, layou
         "scheme": scheme,
         "loader": "tasks.core.variants.load_quantized",
         "versions": _versions(),
+        "source_sha256": source_sha256,
     }
     if layout is not None:
         marker["weights_file"] = WEIGHTS_FILE
