@@ -13,7 +13,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, sample_rows
-from flow_helpers import wait_http
+from flow_helpers import stop_group, wait_http
 from registry_helpers import sqlite_store, write_test_split
 
 from tasks.core.errors import StageError
@@ -512,12 +511,7 @@ def dashboard(registry):
         wait_http(f"{url}/_stcore/health", proc, log, timeout=90)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout=20)
 
 
 def test_dashboard_in_headless_chromium(dashboard, registry):
