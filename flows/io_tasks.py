@@ -59,6 +59,33 @@ def raw_data_sha256(params: Params) -> str | None:
     return file_sha256(path) if path.is_file() else None
 
 
+def alignment_inputs(params: Params) -> dict[str, str]:
+    """What align learns from besides the params, as the registered version tags it: the closed feedback
+    snapshots' hash (`feedback.sha256`) and the preference file's (`align.data.sha256`); empty when align is off.
+    A missing preference file hashes as none here (the align stage fails naming it)."""
+    from tasks.core.feedback import closed_sha256
+    from tasks.core.preferences import NO_FILE, preference_file_sha256
+
+    if not params.align.enabled:
+        return {}
+    data = params.align.data
+    return {
+        "feedback.sha256": closed_sha256(params.align.feedback_dir),
+        "align.data.sha256": preference_file_sha256(data) if data is not None and Path(data).is_file() else NO_FILE,
+    }
+
+
+def snapshot_feedback(params: Params) -> str | None:
+    """Close the app's open feedback file into a snapshot align reads (`tasks.core.feedback`); its name, or None."""
+    from tasks.core.feedback import FeedbackStore
+
+    if not params.align.enabled:
+        return None
+    store = FeedbackStore(params.align.feedback_dir)
+    closed = store.snapshot()
+    return closed.name if closed is not None else None
+
+
 @contextlib.contextmanager
 def _mlflow_run(run_id: str) -> Iterator[None]:
     """Make the flow's MLflow run active here (it already is when tasks run in the flow's thread)."""
@@ -78,7 +105,8 @@ def _mlflow_run(run_id: str) -> Iterator[None]:
 
 @io_task("check-trigger")
 def check_trigger(params: Params, force: bool) -> dict[str, Any]:
-    """The data-change trigger: compare the raw data hash and params hash with the champion's tags.
+    """The data-change trigger: compare the raw data, params, feedback snapshot and preference file hashes with
+    the champion's tags (the feedback and file only when `align.enabled`).
 
     Args:
         params: the resolved parameters.
@@ -108,6 +136,15 @@ def check_trigger(params: Params, force: bool) -> dict[str, Any]:
         return {**out, "retrain": True, "reason": f"raw data changed since champion v{champion.version}"}
     if tags.get("params.sha256") != params.digest():
         return {**out, "retrain": True, "reason": f"parameters changed since champion v{champion.version}"}
+    from tasks.core.feedback import EMPTY_SHA256
+    from tasks.core.preferences import NO_FILE
+
+    # A champion registered before align existed learnt from no feedback and no preference file.
+    recorded = {"feedback.sha256": EMPTY_SHA256, "align.data.sha256": NO_FILE}
+    for key, value in alignment_inputs(params).items():
+        if tags.get(key, recorded[key]) != value:
+            what = "feedback" if key == "feedback.sha256" else f"preference file {params.align.data}"
+            return {**out, "retrain": True, "reason": f"new {what} since champion v{champion.version}"}
     return {
         **out,
         "retrain": False,

@@ -38,12 +38,23 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
 
 
+def final_model_label(params: Params) -> str:
+    """The final model's row name, from align's `final` (`metrics/align.json`): aligned, or the fine-tuned model
+    passed through (kept by the val gate, or no DPO ran: align disabled, no pair)."""
+    align = _read_metrics(params, "align")
+    if align.get("final") == "aligned":
+        return "final model (aligned)"
+    if align.get("final") == "fine-tuned":
+        return "final model (fine-tuned; align gate kept it)" if align.get("gate") else "final model (fine-tuned)"
+    return "final model"
+
+
 def metrics_table(params: Params) -> str:
     """Markdown table of the scores the stages wrote: model, base, baseline and each quantized variant."""
     evaluate = _read_metrics(params, "evaluate")
     quantize = _read_metrics(params, "quantize")
     rows = [
-        ("fine-tuned model", {m: _lookup(evaluate, m) for m in TABLE_METRICS}),
+        (final_model_label(params), {m: _lookup(evaluate, m) for m in TABLE_METRICS}),
         ("base model", {m: _lookup(evaluate, f"base.{m}") for m in TABLE_METRICS}),
         (
             f"lead-k baseline (k={_lookup(evaluate, 'baseline.k') or '?'})",
@@ -60,13 +71,33 @@ def metrics_table(params: Params) -> str:
 def outputs_table(params: Params) -> str:
     """Markdown table of what a reader notices in the test outputs: distinct, stuttering, length."""
     evaluate = _read_metrics(params, "evaluate")
-    rows = [("fine-tuned model", "outputs"), ("base model", "base.outputs"), ("lead-k baseline", "baseline.outputs")]
+    rows = [(final_model_label(params), "outputs"), ("base model", "base.outputs"), ("lead-k baseline", "baseline.outputs")]
     lines = ["| model | distinct outputs | outputs with a 3× repeat | length ÷ reference |", "|---|---:|---:|---:|"]
     for name, key in rows:
         stats = _lookup(evaluate, key) or {}
         lines.append(f"| {name} | {_percent(stats.get('distinct_share'))} | {_percent(stats.get('repeat_share'))} "
                      f"| {_fmt(stats.get('length_ratio'))} |")
     return "\n".join(lines)
+
+
+def alignment_lines(params: Params) -> list[str]:
+    """What align did (`metrics/align.json`): which model is final and why, the pairs per source, its DPO
+    reward accuracy on held-out pairs, val ROUGE-L before and after, and its time; [] when it has not run."""
+    align = _read_metrics(params, "align")
+    if not align:
+        return []
+    gate = align.get("gate") or {}
+    lines = ["## Alignment (DPO)", "", f"Final model: **{align.get('final', '?')}** ({align.get('reason', '')})", ""]
+    if align.get("pairs_total"):
+        lines.append(
+            f"Pairs: {align.get('pairs_feedback', 0)} from feedback, {align.get('pairs_file', 0)} from the preference file, "
+            f"{align.get('pairs_self', 0)} self-generated; held-out reward accuracy {_fmt(align.get('held_out_reward_accuracy'))}; "
+            f"val ROUGE-L {_fmt(gate.get('fine_tuned'))} → {_fmt(gate.get('aligned'))} "
+            f"(difference {_fmt(gate.get('delta'))}, 95% CI [{_fmt(gate.get('low'))}, {_fmt(gate.get('high'))}]); "
+            f"{_fmt(align.get('seconds'))} s"
+        )
+        lines.append("")
+    return lines
 
 
 def _percent(value: Any) -> str:
@@ -84,6 +115,7 @@ def summary_markdown(result: dict[str, Any], params: Params) -> str:
         lines.append("")
     lines += ["## Test-split scores (F1 × 100)", "", metrics_table(params), ""]
     lines += ["## What a reader notices", "", outputs_table(params), ""]
+    lines += alignment_lines(params)
     promotion = result.get("promotion")
     if promotion:
         lines += [

@@ -9,13 +9,14 @@ receives what the stages wrote. Nothing here computes a metric.
 Two skips, in this order:
 
 1. The data-change trigger (before any stage). When the champion in the MLflow registry was trained
-   on the same raw data (`data.sha256` tag) with the same parameters (`params.sha256` tag), the run
-   stops at once and says "nothing changed": the champion already is this data's model. `--force`
+   on the same raw data (`data.sha256` tag) with the same parameters (`params.sha256` tag), and aligned
+   on the same feedback snapshots (`feedback.sha256`, closed just before: `tasks.core.feedback`) and
+   preference file (`align.data.sha256`), the run stops at once and says "nothing changed": the champion already is this data's model. `--force`
    (flow parameter `force`) skips this check, e.g. after a code change, which the champion's tags
    do not capture.
 2. DVC's cache (every stage). Each stage runs only when its deps or params changed; changing only
    `evaluate:` params re-runs evaluate and what follows. When no stage ran and this exact model
-   (content hash of `artifacts/train/model`) is already registered, register and promote are skipped
+   (content hash of the final model, `artifacts/align/model`) is already registered, register and promote are skipped
    and the run says "nothing changed" too. `--force` does not bypass DVC: `dvc repro --force` does.
 
 `-S key=value` overrides: DVC stages read `params.yaml`, so the flow validates the overrides, then
@@ -36,7 +37,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.dvc_stage import STAGE_TASKS, write_overrides
-from flows.io_tasks import check_trigger, log_to_mlflow, mark_failed, promote, push, register
+from flows.io_tasks import check_trigger, log_to_mlflow, mark_failed, promote, push, register, snapshot_feedback
 from flows.lock import _chdir, _project_lock
 from flows.report import finish, next_steps
 from tasks.core import registry
@@ -53,7 +54,7 @@ EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 120  # Prefect's default is 20 s; see _wait_
 
 @flow(name="retrain")
 def retrain(params_path: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
-    """Validate, split, select, pretrain, train, evaluate, quantize, register and promote.
+    """Validate, split, select, pretrain, train, align, evaluate, quantize, register and promote.
 
     Args:
         params_path: the project's params.yaml; its folder is the project root (holds dvc.yaml).
@@ -83,6 +84,10 @@ def retrain(params_path: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | 
     with _chdir(root), _project_lock(root):
         params = write_overrides(params_file, list(overrides or []))
         result: dict[str, Any] = {"status": None, "stages": [], "flow_run_id": flow_run.id}
+        # Feedback sent from now on waits for the next run: align reads only closed snapshots.
+        closed = snapshot_feedback(params)
+        if closed is not None:
+            log.info("closed the feedback store's open records into %s", closed)
         trigger = check_trigger(params, force)
         log.info("data-change trigger: %s", trigger["reason"])
         result["champion"] = trigger["champion"]
@@ -106,7 +111,7 @@ def retrain(params_path: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | 
                 result["stages"].append(STAGE_TASKS[stage](stage, str(root)))
             push(str(root))  # before register: a version must never point at outputs the remote lacks
             log_to_mlflow(params, run_id)
-            model_sha256 = dir_sha256(params.layout.stage_dir("train") / "model")
+            model_sha256 = dir_sha256(params.layout.final_model)
             client.set_tag(run_id, registry.RUN_MODEL_TAG, model_sha256)
             already = None if any(s["ran"] for s in result["stages"]) else registry.registered_version_for_model(name, model_sha256, params.digest())
             if already is not None and not registry.awaits_promotion(name, already):

@@ -1,15 +1,17 @@
 """The `evaluate` stage: generate a summary for every test row and score it, beside the base model and a
 copy-the-lead baseline, with bootstrap intervals.
 
-Inputs: `artifacts/train/model` (fine-tuned), `artifacts/pretrain/model` (base, when
-`evaluate.score_base`), `artifacts/split/{val,test}.jsonl`. Outputs under `artifacts/evaluate/`:
-`predictions.jsonl` (id, text, reference, prediction and the row's scores), `base_predictions.jsonl`,
-`baseline_predictions.jsonl`, `decoding.json` (the repetition controls used: the params', or with
+Inputs: `artifacts/align/model` (the final model: aligned, or the fine-tuned one passed through),
+`artifacts/pretrain/model` (base, when `evaluate.score_base`), `artifacts/split/{val,test}.jsonl`.
+Outputs under `artifacts/evaluate/`: `predictions.jsonl` (id, text, reference, prediction and the row's
+scores), `base_predictions.jsonl`, `baseline_predictions.jsonl`, `decoding.json` (the repetition controls used: the params', or with
 `evaluate.tune_decoding` the best of `tasks.core.decoding.DECODING_GRID` on the val rows; quantize and
 register use the same); `metrics/evaluate.json` (with `decoding`); `plots/evaluate/metrics.png`.
 
 Generation and scoring go through `tasks.core.evaluation.Evaluator` (cached by model content), the
-path every stage that scores a model shares.
+path every stage that scores a model shares: the full model in float32 on the GPU when there is one
+(spread over GPUs with `device_map="auto"` when one is too small; refused with the figures before loading
+when the memory cannot hold it), recorded as `scored_in` in the metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from tasks.core.data import read_split
 from tasks.core.decoding import choose_decoding, decoding_file, write_decoding
 from tasks.core.errors import StageError
-from tasks.core.evaluation import Evaluator
+from tasks.core.evaluation import Evaluator, model_placement
 from tasks.core.io import dir_sha256, file_sha256, write_json, write_jsonl
 from tasks.core.plots import save_figure
 from tasks.core.scoring import METRICS, output_stats, paired_bootstrap, score_row
@@ -93,7 +95,7 @@ def run(cfg: StageParams) -> dict[str, Any]:
     layout, language = cfg.layout, cfg.data.language
     test_rows = read_split(layout, "test", limit=cfg.evaluate.rows)
     val_rows = read_split(layout, "val")
-    model_dir = _model_dir(layout.final_model, "run `sftflow train` first")
+    model_dir = _model_dir(layout.final_model, f"run `sftflow {layout.final_model_stage}` first")
     base_dir = (
         _model_dir(layout.base_model, "run `sftflow pretrain` first, or set evaluate.score_base=false")
         if cfg.evaluate.score_base
@@ -121,6 +123,9 @@ def run(cfg: StageParams) -> dict[str, Any]:
     metrics["test_rows"] = len(test_rows)
     metrics["test_sha256"] = file_sha256(layout.split("test"))
     metrics["model_sha256"] = model_sha
+    # What the figures were measured in: the full model as `serve.variant_*: full` serves it (a variant is
+    # scored by quantize in its own dtype and device class).
+    metrics["scored_in"] = model_placement(None)
     references = [r["summary"] for r in test_rows]
     metrics["outputs"] = output_stats(predictions, references, language)
     metrics["decoding"] = {k: v for k, v in decoding.items() if k not in {"model_sha256", "params"}}

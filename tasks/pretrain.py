@@ -34,9 +34,16 @@ from tasks.core.io import configure_threads, file_sha256, read_json, set_seed, w
 from tasks.core.launch import threads_per_rank
 from tasks.core.modeling import count_parameters, load_model_and_tokenizer, save_model, scratch_base, with_lora
 from tasks.core.plots import write_loss_curve
-from tasks.core.prompt import collate_features
+from tasks.core.prompt import answer_ids, collate_features, encode_prompt
 from tasks.core.stage_params import StageParams, stage_entry
-from tasks.core.training import loss_rows, peak_rss_mb, training_arguments, use_deterministic_algorithms
+from tasks.core.training import (
+    loss_rows,
+    peak_rss_mb,
+    precision_arguments,
+    resolve_precision,
+    training_arguments,
+    use_deterministic_algorithms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +232,14 @@ def _pretrain(
 ) -> tuple[Any, dict[str, Any]]:
     """Causal-LM training on packed blocks of the corpus; returns the trained model (LoRA merged in) and
     its metrics, and fills `history` with the Trainer's log."""
-    import torch
     from transformers import Trainer
 
     cfg = params.pretrain
     block_size = min(cfg.block_size, getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
+    objective = pretraining_objective(params, mode)
     train_blocks, val_blocks = _corpus_blocks(tokenizer, train_rows, val_rows, block_size, corpus)
+    if objective != "lm":
+        train_blocks = _framed_blocks(params, objective, tokenizer, train_rows, corpus, block_size)
     if mode != SCRATCH:
         # Continued pretraining of a real base: its own (small) learning rate, and LoRA when train uses it.
         cfg = cfg.model_copy(update={"learning_rate": cfg.continued_learning_rate})
@@ -250,7 +259,7 @@ def _pretrain(
         cfg,
         save_strategy="no",
         eval_strategy="no",
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        **precision_arguments(resolve_precision(params.train.precision)),
     )
     trainer = Trainer(
         model=model,
@@ -273,6 +282,7 @@ def _pretrain(
             "train_loss": round(float(logged[-1]), 4) if logged else round(result.training_loss, 4),
             "train_loss_mean": round(result.training_loss, 4),
             "steps": trainer.state.global_step,
+            "objective": objective,
             "learning_rate": cfg.learning_rate,
             "blocks": len(train_blocks),
             "block_size": block_size,
@@ -309,3 +319,93 @@ def _corpus_blocks(
 def _features(blocks: list[list[int]]) -> list[dict[str, list[int]]]:
     """Causal-LM features of packed blocks: every token is a label."""
     return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": b} for b in blocks]
+
+
+def pretraining_objective(params: StageParams, mode: str) -> str:
+    """`pretrain.objective` resolved: `auto` is `lead` for a scratch base, `lm` for a real base's continued pretraining."""
+    objective = params.pretrain.objective
+    if objective == "auto":
+        return "lead" if mode == SCRATCH else "lm"
+    return objective
+
+
+_CLAUSE_END = {"zh": r"(?<=[，。；！？,;!?.])", "en": r"(?<=[.!?;])\s+"}
+
+
+def clauses(text: str, language: str) -> list[str]:
+    """The text cut after each clause or sentence end (zh: ，。；！？ and their ASCII forms; en: . ! ? ;)."""
+    return [c.strip() for c in re.split(_CLAUSE_END[language], text) if c.strip()]
+
+
+def pseudo_summary(text: str, objective: str, max_chars: int, language: str) -> str:
+    """A summary a document writes of itself, for pretraining framed as the task (PEGASUS's pseudo-summaries).
+
+    - `lead`: its opening clauses, as many whole ones as fit `max_chars` (the first one cut if it alone is longer).
+    - `gap-sentence`: its principal clause, the one with the highest F1 of character bigrams (zh) or words (en)
+      against the rest of the document, cut to `max_chars`.
+
+    Trailing clause punctuation is dropped, as titles have none.
+    """
+    parts = clauses(text, language) or [text.strip()]
+    if objective == "lead":
+        out = parts[0]
+        for part in parts[1:]:
+            joined = out + (" " if language == "en" else "") + part
+            if len(joined) > max_chars:
+                break
+            out = joined
+    elif objective == "gap-sentence":
+        out = max(parts, key=lambda part: _overlap_f1(part, text.replace(part, " "), language))
+    else:
+        raise ValueError(f"no pseudo-summary for objective {objective!r}")
+    return out[:max_chars].rstrip("，。；！？,;!?. ")
+
+
+def _overlap_f1(part: str, rest: str, language: str) -> float:
+    from collections import Counter
+
+    def units(s: str) -> Counter[str]:
+        if language == "en":
+            return Counter(re.findall(r"\w+", s.lower()))
+        return Counter(s[i : i + 2] for i in range(len(s) - 1))
+
+    mine, theirs = units(part), units(rest)
+    hit = sum((mine & theirs).values())
+    if not hit:
+        return 0.0
+    precision, recall = hit / sum(mine.values()), hit / sum(theirs.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def _framed_blocks(
+    params: StageParams,
+    objective: str,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    corpus: list[str],
+    block_size: int,
+) -> list[list[int]]:
+    """Pretraining examples framed as the task: each document (a train text, a corpus document) in the prompt
+    template, answered by its own pseudo-summary; the train split's summaries are packed as plain text beside.
+
+    Every token carries loss (it is still language modelling of the same texts), but the model also learns
+    to answer the prompt from its source, which plain packed text never asks of it. A pseudo-summary is at
+    most as long as the train split's 90th-percentile summary; no reference summary is framed.
+    """
+    template, chat = params.data.prompt_template, params.data.use_chat_template
+    language = params.data.language
+    lengths = sorted(len(r["summary"]) for r in train_rows)
+    max_chars = max(4, lengths[math.ceil(0.9 * len(lengths)) - 1])  # the nearest-rank 90th percentile
+    documents = [r["text"] for r in train_rows] + list(corpus)
+    blocks: list[list[int]] = []
+    for text in documents:
+        answer = answer_ids(tokenizer, text, pseudo_summary(text, objective, max_chars, language), template, chat)
+        answer = answer[: block_size // 4]
+        prompt, _cut = encode_prompt(tokenizer, text, template, chat, block_size - len(answer))
+        blocks.append(prompt + answer)
+    blocks += pack_blocks(tokenizer, [r["summary"] for r in train_rows], block_size)
+    log.info(
+        "pretrain objective %s: %d documents framed as the task (pseudo-summaries of at most %d characters), "
+        "%d blocks in all", objective, len(documents), max_chars, len(blocks),
+    )
+    return blocks

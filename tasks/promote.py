@@ -7,9 +7,17 @@ when there is no champion yet, or when on the current test split
 - the paired bootstrap of the per-row differences has its 95% lower bound above 0, and
 - each of its quantized variants loses at most `quantize.max_drop` ROUGE-L points.
 
-Per-row scores come from the row scores `register` stores in each version's run, keyed by the
-test split's sha256; a version without scores for the current split (the champion after the data
-grew) is loaded from the registry and scored again, and those scores are cached the same way.
+Evaluated = served: each version is scored as the app serves it on this machine's device class
+(`tasks.core.registry.resolve_variant`: `serve.variant_cpu` without a GPU, `serve.variant_gpu` with
+one), in that variant's dtype on that device class, so the number compared is the number served. A
+version served in full precision (float32, as evaluate scored it) is compared on the per-row scores
+`register` stores in its run, keyed by the test split's sha256, its generation settings and the
+scoring version; a version without scores for the current split (the champion after the data grew) is
+loaded from the registry and scored again, and those scores are cached the same way. A version served
+as a registered variant (`int8`, `bf16`, `bnb-*`) is scored through that variant, loaded as the app
+loads it, and cached under the same key plus `<variant>-<device>`. What was scored, and what could not
+be here (the other device class's variant; a variant this machine cannot load), is in the decision
+(`scored_on`, `challenger_scored_as`, `champion_scored_as`, `scoring_note`).
 
 The decision and its figures become tags on both versions (and metrics of the active run). The
 registered model's tag `promote.history` lists the champions in order, for `rollback`. Promotions
@@ -22,10 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +50,7 @@ from tasks.core.registry import (
     client,
     load_row_scores,
     newest_version,
+    resolve_variant,
     resolve_version,
     row_scores_key,
     save_row_scores,
@@ -148,8 +159,62 @@ def _current_test(params: StageParams, fallback_sha: str) -> tuple[str, Path | N
     return fallback_sha, None
 
 
-def rescore(params: StageParams, name: str, version: str, test_path: Path, ids: list[str] | None = None) -> dict[str, float]:
-    """Load a registered version, generate for the test rows and score per-row ROUGE-L.
+@dataclass(frozen=True)
+class ServedAs:
+    """How the app on this machine's device class serves a version, so promote scores it that way.
+
+    Attributes:
+        variant: `full` or the registered variant (`int8`, `bf16`, `bnb-*`).
+        uri: the `models:/` URI to load (the version itself, or its variant's registered model).
+        device: the device class (`cpu` or `cuda`) it is loaded on and scored on.
+        dtype: the dtype it computes in (`float32` for full).
+        note: why it is not the variant `serve:` asks for here, when it is not.
+    """
+
+    variant: str
+    uri: str
+    device: str
+    dtype: str
+    note: str | None = None
+
+    @property
+    def label(self) -> str:
+        """`int8 (int8 on cpu)`, `full (float32 on cuda)`: what the decision record says was scored."""
+        return f"{self.variant} ({self.dtype} on {self.device})"
+
+    def key(self, base_key: str) -> str:
+        """Where its row scores are cached: `register`'s key for full precision, that key plus the variant
+        and device class for a variant (scores of another variant or device class are never reused)."""
+        return base_key if self.variant == "full" else f"{base_key}.{self.variant}-{self.device}"
+
+
+def this_device() -> str:
+    """`cuda` when a GPU is visible, else `cpu`: the device class promote scores for (as the app picks it)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def served_as(params: StageParams, mv: Any, device: str) -> ServedAs:
+    """The variant of a version the app serves on `device` (`tasks.core.registry.resolve_variant`), as promote
+    can score it here: a bitsandbytes variant on a machine without bitsandbytes falls back to full precision,
+    and the note says so."""
+    from tasks.core.variants import GPU_METHODS, METHOD_DTYPES
+
+    variant, uri, note = resolve_variant(params, mv, device)
+    if variant in GPU_METHODS and importlib.util.find_spec("bitsandbytes") is None:
+        note = (f"version {mv.version}'s {variant} variant, which the app serves on this GPU, cannot be scored here "
+                "(bitsandbytes is not installed): its full-precision scores were compared instead, NOT the served number")
+        variant, uri = "full", f"models:/{params.register.model_name}/{mv.version}"
+    dtype = "float32" if variant == "full" else METHOD_DTYPES[variant][1]
+    return ServedAs(variant=variant, uri=uri, device=device, dtype=dtype, note=note)
+
+
+def rescore(
+    params: StageParams, name: str, version: str, test_path: Path, ids: list[str] | None = None,
+    served: ServedAs | None = None,
+) -> dict[str, float]:
+    """Load a registered version as it is served, generate for the test rows and score per-row ROUGE-L.
 
     Args:
         params: `data.language` for scoring, paths.
@@ -157,6 +222,8 @@ def rescore(params: StageParams, name: str, version: str, test_path: Path, ids: 
         version: its version number.
         test_path: the test split file.
         ids: only these row ids (default: every row, or the first `evaluate.rows`).
+        served: the variant to score and where (`served_as`); default: the version in full precision
+            (float32) on the CPU.
 
     Returns:
         Row id -> ROUGE-L (F × 100).
@@ -174,18 +241,22 @@ def rescore(params: StageParams, name: str, version: str, test_path: Path, ids: 
             raise StageError(f"{test_path} lacks the rows {sorted(missing)[:5]}: the split changed mid-promotion")
     elif params.evaluate.rows:
         rows = rows[: params.evaluate.rows]
-    log.info("scoring %s version %s on %d test rows of %s", name, version, len(rows), test_path)
-    model = load_registered(f"models:/{name}/{version}")
+    uri = served.uri if served else f"models:/{name}/{version}"
+    what = served.label if served else "full (float32 on cpu)"
+    log.info("scoring %s version %s as %s (%s) on %d test rows of %s", name, version, what, uri, len(rows), test_path)
+    model = load_registered(uri, device=served.device if served else None)
     predictions = model.predict([r["text"] for r in rows])
     scores = score(predictions, [r["summary"] for r in rows], params.data.language, bootstrap_samples=1)
     return {str(r["id"]): s["rouge-l"] for r, s in zip(rows, scores["per_row"])}
 
 
 def row_scores(
-    params: StageParams, name: str, mv: Any, test_sha: str, test_path: Path | None, ids: list[str] | None = None
+    params: StageParams, name: str, mv: Any, test_sha: str, test_path: Path | None, ids: list[str] | None = None,
+    served: ServedAs | None = None,
 ) -> tuple[dict[str, float], bool]:
     """Per-row ROUGE-L of a version on the test split `test_sha`, generated with the version's own
-    registered settings and scored by this scoring version: cached, else scored and cached.
+    registered settings, as it is served (`served`; default full precision), and scored by this scoring
+    version: cached, else scored and cached.
 
     Returns:
         (scores by row id, whether they were computed now).
@@ -193,17 +264,19 @@ def row_scores(
     Raises:
         StageError: no cached scores for that split and no test file to score on.
     """
-    key = row_scores_key(test_sha, (mv.tags or {}).get(SETTINGS_SHA_TAG), SCORING_VERSION)
+    base_key = row_scores_key(test_sha, (mv.tags or {}).get(SETTINGS_SHA_TAG), SCORING_VERSION)
+    key = served.key(base_key) if served else base_key
     cached = load_row_scores(mv.run_id, key)
     if cached is not None and (ids is None or set(ids) <= cached.keys()):
         return cached, False
     if test_path is None:
         raise StageError(
             f"version {mv.version} has no row scores for test split {test_sha[:12]} (scoring version "
-            f"{SCORING_VERSION}) and {params.layout.split('test')} is not here to score it: run `dvc pull` or `sftflow split`"
+            f"{SCORING_VERSION}{f', as {served.label}' if served and served.variant != 'full' else ''}) and "
+            f"{params.layout.split('test')} is not here to score it: run `dvc pull` or `sftflow split`"
         )
-    log.info("version %s has no row scores under %s: scoring it as registered", mv.version, key)
-    scores = rescore(params, name, mv.version, test_path, ids)
+    log.info("version %s has no row scores under %s: scoring it as registered and served", mv.version, key)
+    scores = rescore(params, name, mv.version, test_path, ids, served)
     save_row_scores(mv.run_id, key, {**(cached or {}), **scores})
     return scores, True
 
@@ -231,13 +304,29 @@ def variant_drops(tags: dict[str, str], metrics: dict[str, float]) -> dict[str, 
     return out
 
 
+def scoring_note(params: StageParams, device: str, served: dict[str, ServedAs]) -> str:
+    """What the compared numbers are, in words: which variant each version was scored as and why, and
+    what could not be scored on this machine (the variant the app serves on the other device class)."""
+    here, other = ("GPU", "CPU") if device == "cuda" else ("CPU", "GPU")
+    parts = [f"scored as the app serves each version on this {here}: "
+             + ", ".join(f"{role} {s.label}" for role, s in served.items())]
+    parts += [f"{role}: {s.note}" for role, s in served.items() if s.note]
+    other_variant = params.serve.variant_cpu if device == "cuda" else params.serve.variant_gpu
+    if other_variant != "full":
+        parts.append(f"an app on a {other} serves serve.variant_{other.lower()}={other_variant} where registered and "
+                     f"scored there; that is not re-scored on this {here}: run promote on a {other} machine to compare it")
+    return "; ".join(parts)
+
+
 def compare(params: StageParams, name: str, candidate: Any, champion: Any) -> dict[str, Any]:
     """The gate's figures and decision for a candidate against the champion (nothing is moved here)."""
     cfg = params.promote
     test_sha, test_path = _current_test(params, candidate.tags.get("split.test_sha256", ""))
-    cand_scores, cand_rescored = row_scores(params, name, candidate, test_sha, test_path)
+    device = this_device()
+    cand_served, champ_served = served_as(params, candidate, device), served_as(params, champion, device)
+    cand_scores, cand_rescored = row_scores(params, name, candidate, test_sha, test_path, served=cand_served)
     ids = sorted(cand_scores)
-    champ_scores, champ_rescored = row_scores(params, name, champion, test_sha, test_path, ids)
+    champ_scores, champ_rescored = row_scores(params, name, champion, test_sha, test_path, ids, served=champ_served)
     a = [cand_scores[i] for i in ids]
     b = [champ_scores[i] for i in ids]
     boot = paired_bootstrap(a, b, cfg.bootstrap_samples, cfg.seed)
@@ -255,6 +344,10 @@ def compare(params: StageParams, name: str, candidate: Any, champion: Any) -> di
         "scoring_version": SCORING_VERSION,
         "challenger_settings": (candidate.tags or {}).get(SETTINGS_TAG, "unknown"),
         "champion_settings": (champion.tags or {}).get(SETTINGS_TAG, "unknown"),
+        "scored_on": device,
+        "challenger_scored_as": cand_served.label,
+        "champion_scored_as": champ_served.label,
+        "scoring_note": scoring_note(params, device, {"challenger": cand_served, "champion": champ_served}),
     }
     reasons = []
     if boot["delta"] < cfg.min_delta:
@@ -271,6 +364,7 @@ def compare(params: StageParams, name: str, candidate: Any, champion: Any) -> di
     figures["promote"] = not reasons
     figures["reason"] = "; ".join(reasons) or (
         f"ROUGE-L +{boot['delta']:.2f} [{boot['low']:.2f}, {boot['high']:.2f}] over version {champion.version}"
+        f" (each as served on this {device.upper()}: {cand_served.label} vs {champ_served.label})"
     )
     return figures
 

@@ -1,13 +1,13 @@
-"""The `quantize` stage: smaller, cheaper variants of the fine-tuned model, each measured against the
+"""The `quantize` stage: smaller, cheaper variants of the final model, each measured against the
 full-precision model on the same test rows and gated on its ROUGE-L loss.
 
-Inputs: the final model (`artifacts/train/model`), `artifacts/split/test.jsonl`, and
-`artifacts/evaluate/decoding.json` (the repetition controls evaluate used; `tasks.core.decoding`). Outputs: one folder
-per method under `artifacts/quantize/<method>/` in the variant format (`tasks.core.variants`: loadable
-with `load_quantized` in any process, marked by `sftflow_quantization.json`),
-`artifacts/quantize/predictions.jsonl`, `metrics/quantize.json` (flat keys `<variant>.size_ratio`,
-`.latency_ratio`, `.rouge-l`, `.rouge-l_drop`, `.passed`; ratios are variant ÷ full, below 1 is better)
-and `plots/quantize/comparison.png`.
+Inputs: the final model (`artifacts/align/model`: aligned, or the fine-tuned one passed through),
+`artifacts/split/test.jsonl`, and `artifacts/evaluate/decoding.json` (the repetition controls evaluate
+used; `tasks.core.decoding`). Outputs: one folder per method under `artifacts/quantize/<method>/` in the
+variant format (`tasks.core.variants`: loadable with `load_quantized` in any process, marked by
+`sftflow_quantization.json`), `artifacts/quantize/predictions.jsonl`, `metrics/quantize.json` (flat keys
+`<variant>.size_ratio`, `.latency_ratio`, `.rouge-l`, `.rouge-l_drop`, `.passed`, `.latency_ratio_low`/`_high`,
+`.served`, `.reason`; ratios are variant ÷ full, below 1 is better) and `plots/quantize/comparison.png`.
 
 Methods (the format itself: `tasks.core.variants`):
 
@@ -18,9 +18,28 @@ Methods (the format itself: `tasks.core.variants`):
   `bench/results/quantize-choice.md`, produced by `python -m bench quantize`.
 - `bnb-int8`, `bnb-nf4` (CUDA): bitsandbytes LLM.int8() and 4-bit NF4 through transformers'
   `BitsAndBytesConfig`, saved with `save_pretrained` (safetensors), `device_map="auto"`.
+- `bf16`: the model in bfloat16, scored in bf16 on the device class this stage runs on (the GPU when
+  there is one, else the CPU) and recorded so (`<variant>.on_cuda`, `variants` in the metrics, the
+  marker's `dtype`/`device`): what `serve.variant_gpu: bf16` serves, and only where it was scored.
+
+Every variant is scored by the same generator, on the same batches, as the pyfunc model and the app
+generate (rows batched by prompt token length, as `tasks.core.generation.generate` batches them), so the
+figure registered for a variant is what its registered model produces on those rows.
 
 Both wall time (`latency_ratio`) and CPU time (`cpu_time_ratio`) are written: on a busy machine
 either alone misleads.
+
+A variant is served only when it pays. After the quality pass, a speed check generates the first
+`quantize.latency_rows` rows (default 16) `quantize.latency_repeats` times (default 3) with the full
+model and every variant of the device, on the same batches, interleaved batch by batch and with the
+model order rotated each repeat; each repeat gives a ratio variant ÷ full, and the range is the
+lowest to the highest of them (no bootstrap: the highest is the upper end). A CPU variant is served
+(`<variant>.served`) only when that highest ratio is below 1.0 and its ROUGE-L passed the gate;
+otherwise `<variant>.reason` says why (`slower than full precision: ratio a–b`), `register` tags the
+main version with the decision and the app serves full precision (`tasks.core.registry.resolve_variant`).
+On a GPU the ratio range is recorded but not gated: a bitsandbytes or bf16 variant is asked for its memory.
+The check costs 2 × repeats generations of 16 rows per variant, well under the quality pass over the
+whole test split.
 """
 
 from __future__ import annotations
@@ -34,20 +53,22 @@ from typing import Any
 from tasks.core.data import read_split
 from tasks.core.decoding import apply_decoding, decoding_file
 from tasks.core.errors import StageError
-from tasks.core.generation import GenerationSettings, generate
+from tasks.core.generation import GenerationSettings, encode_prompts, generate
 from tasks.core.io import dir_sha256, write_json, write_jsonl
-from tasks.core.modeling import load_model_and_tokenizer, load_tokenizer
+from tasks.core.modeling import load_for_inference, load_model_and_tokenizer, load_tokenizer
 from tasks.core.plots import save_figure
 from tasks.core.scoring import score
 from tasks.core.stage_params import StageParams, stage_entry
 from tasks.core.variants import (
-    CPU_METHODS,
     GPU_METHODS,
+    METHOD_DTYPES,
     apply_int8,
     int8_state,
     load_quantized,
     require_cuda,
+    save_bf16,
     save_int8,
+    variant_device,
     weights_bytes,
     write_marker,
 )
@@ -148,8 +169,11 @@ def timed_generate(
     from tqdm.auto import tqdm
 
     batch_size = settings.batch_size
-    # Similar lengths per batch, as generate itself would sort them; the order is restored below.
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["text"]), i))
+    # The batches generate itself makes (prompt token length, longest first), so that each model's outputs
+    # are what it gives for all the rows at once (the pyfunc's predict); the order is restored below.
+    _, tokenizer = next(iter(models.values()))
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, [r["text"] for r in rows], settings)]
+    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
     preds: dict[str, list[str]] = {name: [""] * len(rows) for name in models}
     wall = dict.fromkeys(models, 0.0)
     cpu = dict.fromkeys(models, 0.0)
@@ -164,6 +188,56 @@ def timed_generate(
             for i, p in zip(batch, out):
                 preds[name][i] = p
     return preds, wall, cpu
+
+
+def repeated_latency(
+    models: dict[str, tuple[Any, Any]], rows: Sequence[dict[str, Any]], settings: GenerationSettings, repeats: int
+) -> dict[str, list[float]]:
+    """Wall seconds of each model on the same rows and batches (`timed_generate`), `repeats` times.
+
+    The models take turns batch by batch within a repeat, and who goes first rotates from one repeat
+    to the next, so that neither load from other jobs nor warm caches favour one model.
+
+    Returns:
+        {model name: [seconds of repeat 1, 2, ...]}.
+    """
+    names = list(models)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        turn = names[r % len(names):] + names[: r % len(names)]
+        _, wall, _ = timed_generate({name: models[name] for name in turn}, rows, settings, progress=False)
+        for name in names:
+            seconds[name].append(wall[name])
+    return seconds
+
+
+def serve_decision(
+    name: str, *, full_s: Sequence[float], variant_s: Sequence[float], device: str, passed: bool, drop: float, max_drop: float
+) -> dict[str, Any]:
+    """Whether the app serves a variant: its ROUGE-L passed and, on the CPU, it is faster than full
+    precision in every repeat (the highest variant ÷ full ratio is below 1.0).
+
+    Returns:
+        `<name>.latency_ratios` (one per repeat), `.latency_ratio_low`, `.latency_ratio_high`, `.served`, `.reason`.
+    """
+    ratios = [v / f for v, f in zip(variant_s, full_s)]
+    low, high = min(ratios), max(ratios)
+    span = f"ratio {low:.3f}–{high:.3f} (variant ÷ full over {len(ratios)} repeats)"
+    if not passed:
+        served, reason = False, f"ROUGE-L drop {drop:.2f} > quantize.max_drop {max_drop:g}"
+    elif device != "cpu":
+        served, reason = True, f"on the GPU a variant is served for its memory, speed not gated: {span}"
+    elif high < 1.0:
+        served, reason = True, f"faster than full precision: {span}"
+    else:
+        served, reason = False, f"slower than full precision: {span}"
+    return {
+        f"{name}.latency_ratios": ratios,
+        f"{name}.latency_ratio_low": low,
+        f"{name}.latency_ratio_high": high,
+        f"{name}.served": served,
+        f"{name}.reason": reason,
+    }
 
 
 def gate(full_rouge_l: float, variant_rouge_l: float, max_drop: float) -> dict[str, Any]:
@@ -273,16 +347,21 @@ def run(cfg: StageParams) -> dict[str, Any]:
         "max_new_tokens": settings.max_new_tokens,
         "threads": threads,
         "max_drop": cfg.quantize.max_drop,
+        "latency_repeats": cfg.quantize.latency_repeats,
+        "latency_rows": len(rows[: cfg.quantize.latency_rows or None]),
         "model_sha256": model_sha,
         "decoding": {k: getattr(settings, k) for k in ("no_repeat_ngram_size", "repetition_penalty")},
     }
     columns: dict[str, list[str]] = {}
-    for device, on_device in (("cpu", [m for m in methods if m in CPU_METHODS]), ("cuda", [m for m in methods if m in GPU_METHODS])):
+    for device in ("cpu", "cuda"):
+        on_device = [m for m in methods if variant_device(m) == device]
         if on_device:
             figures, predictions = _measure_on(device, on_device, model_dir, model_sha, rows, settings, cfg)
             metrics.update(figures)
             columns.update(predictions)
     metrics["passed"] = all(metrics[f"{m}.passed"] for m in methods)
+    # Where and in which dtype each variant was scored: where it serves (the marker says the same).
+    metrics["variants"] = {m: {"dtype": METHOD_DTYPES[m][1], "device": variant_device(m)} for m in methods}
     write_jsonl(
         layout.stage_dir("quantize") / "predictions.jsonl",
         [{"id": r["id"], "reference": r["summary"], **{k: v[i] for k, v in columns.items()}} for i, r in enumerate(rows)],
@@ -298,6 +377,8 @@ def _write_variant(method: str, model_dir: Path, folder: Path, tokenizer: Any, t
         source, _ = load_model_and_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         _, tensors, int8_layout = quantize_int8(source)
         save_int8(tensors, int8_layout, source, tokenizer, folder, source_sha256=source_sha256)
+    elif method == "bf16":
+        save_bf16(model_dir, folder, tokenizer, trust_remote_code, source_sha256=source_sha256)
     else:
         quantize_bnb(model_dir, method, folder, trust_remote_code, source_sha256=source_sha256)
 
@@ -320,8 +401,7 @@ def _measure_on(
 
     trust, language, max_drop = cfg.model.trust_remote_code, cfg.data.language, cfg.quantize.max_drop
     full_name = "full" if device == "cpu" else "full-cuda"
-    full_model, tokenizer = load_model_and_tokenizer(model_dir, trust_remote_code=trust)
-    full_model.to(device).eval()
+    full_model, tokenizer = load_for_inference(model_dir, "float32", device, trust_remote_code=trust)
     models = {full_name: (full_model, tokenizer)}
     full_size = weights_bytes(model_dir)
     for method in methods:
@@ -330,6 +410,8 @@ def _measure_on(
         models[method] = load_quantized(folder)
         log.info("%s: %.2f MB of weights (full: %.2f MB)", method, weights_bytes(folder) / 1e6, full_size / 1e6)
     preds, wall, cpu = timed_generate(models, rows, settings)
+    # The speed check, after the quality pass warmed every model: repeats on a few rows, same batches.
+    repeats = repeated_latency(models, rows[: cfg.quantize.latency_rows or None], settings, cfg.quantize.latency_repeats)
     references = [r["summary"] for r in rows]
     full = {"size_bytes": full_size, "latency_s": wall[full_name], "cpu_s": cpu[full_name],
             "rouge-l": score(preds[full_name], references, language)["rouge-l"]}
@@ -339,6 +421,12 @@ def _measure_on(
                    "cpu_s": cpu[method], "rouge-l": score(preds[method], references, language)["rouge-l"]}
         agreement = sum(a == b for a, b in zip(preds[method], preds[full_name])) / len(rows)
         metrics.update(variant_metrics(method, full=full, variant=variant, agreement=agreement, max_drop=max_drop))
+        metrics[f"{method}.on_cuda"] = 1.0 if device == "cuda" else 0.0
+        metrics.update(serve_decision(
+            method, full_s=repeats[full_name], variant_s=repeats[method], device=device,
+            passed=metrics[f"{method}.passed"], drop=metrics[f"{method}.rouge-l_drop"], max_drop=max_drop,
+        ))
+        log.info("%s: %s: %s", method, "served" if metrics[f"{method}.served"] else "NOT served", metrics[f"{method}.reason"])
         log.info(
             "%s: size x%.2f, latency x%.2f, ROUGE-L %.2f vs %.2f (drop %.2f, max %.2f): %s",
             method, metrics[f"{method}.size_ratio"], metrics[f"{method}.latency_ratio"], variant["rouge-l"],

@@ -6,7 +6,9 @@ and whether the tree was dirty, the Prefect flow run id and the evaluate metrics
 version and metrics of its run). The per-row ROUGE-L of the test predictions is stored in the run
 (`row_scores/<test split sha256>.json`) so `promote` compares two versions row by row without
 generating again. Quantized variants in `artifacts/quantize/<method>/` are registered as versions
-of `<model_name>-<method>`; the main version points at each with a `sftflow.variant.<method>` tag.
+of `<model_name>-<method>`; the main version points at each with a `sftflow.variant.<method>` tag
+and carries quantize's decision to serve it or not (`sftflow.variant_served.<method>`: `true`/`false`,
+`sftflow.variant_reason.<method>`: e.g. "slower than full precision: ratio a–b"), which the app follows.
 
 Registration is idempotent: every version carries `sftflow.content_sha256`, a hash of what it
 holds (weights, tokenizer, generation settings, the pyfunc code, requirements and the lineage tags
@@ -44,7 +46,7 @@ from tasks.core.registry import (
     SETTINGS_SHA_TAG,
     SETTINGS_TAG,
     VARIANT_OF_TAG,
-    VARIANT_TAG,
+    VARIANT_TAG_PREFIXES,
     client,
     find_version_with_content,
     load_row_scores,
@@ -52,6 +54,7 @@ from tasks.core.registry import (
     row_scores_key,
     save_row_scores,
     settings_sha256,
+    variant_decision_tags,
     variant_uri_tag,
     version_lineage,
 )
@@ -203,6 +206,26 @@ def lineage_tags(params: StageParams, flow_run_id: str | None = None, lock_file:
     tags["model.base"] = params.model.base
     tags["prefect.flow_run_id"] = flow_run_id or "none"
     tags.update(_training_determinism(params))
+    tags.update(alignment_tags(params))
+    return tags
+
+
+def alignment_tags(params: StageParams) -> dict[str, str]:
+    """What the align stage learnt from and decided (`metrics/align.json`), as lineage tags: the feedback
+    snapshots' and preference file's sha256 (the data-change trigger compares them), the pair counts per
+    source, which model is final and why."""
+    path = params.layout.metrics_file("align")
+    if not path.exists():
+        return {}
+    align = read_json(path)
+    tags = {
+        "feedback.sha256": str(align.get("feedback_sha256", "?")),
+        "align.data.sha256": str(align.get("data_sha256", "?")),
+        "align.final": str(align.get("final", "?")),
+        "align.pairs": json.dumps({s: int(align.get(f"pairs_{s}", 0)) for s in ("feedback", "file", "self")}, sort_keys=True),
+    }
+    if align.get("reason"):
+        tags["align.reason"] = str(align["reason"])[:500]
     return tags
 
 
@@ -259,7 +282,7 @@ def content_sha256(model_dir: Path, params: StageParams, tags: dict[str, Any], q
     from tasks.core import pyfunc_model  # deferred: importing MLflow's model code registers it (set_model)
 
     described = {
-        k: str(v) for k, v in sorted(tags.items()) if k not in _CIRCUMSTANCE_TAGS and not k.startswith(VARIANT_TAG)
+        k: str(v) for k, v in sorted(tags.items()) if k not in _CIRCUMSTANCE_TAGS and not k.startswith(VARIANT_TAG_PREFIXES)
     }
     content = {
         "model": dir_sha256(model_dir),
@@ -294,7 +317,7 @@ def log_and_register(
     registered before this tag existed, is not reused).
 
     Args:
-        model_dir: the model folder (`artifacts/train/model` or a quantized variant folder).
+        model_dir: the model folder (the final model `artifacts/align/model` or a quantized variant folder).
         params: parameters (generation settings, experiment and model name).
         tags: tags of the new version (lineage).
         registered_name: registered model name; default `register.model_name`.
@@ -366,7 +389,7 @@ def log_and_register(
 
 @stage_entry("register")
 def run(params: StageParams, *, flow_run_id: str | None = None) -> dict[str, Any]:
-    """Register `artifacts/train/model` (and its quantized variants) with lineage tags.
+    """Register the final model (`artifacts/align/model`) and its quantized variants with lineage tags.
 
     Args:
         params: the run's parameters.
@@ -414,10 +437,12 @@ def run(params: StageParams, *, flow_run_id: str | None = None) -> dict[str, Any
             v = log_and_register(folder, params, tags=tags | {VARIANT_OF_TAG: model_name_of(params.register.model_name)},
                                  quantization=method)
             variants[method] = f"models:/{v.name}/{v.version}"
+        # quantize's decision on each variant (served or not, and why): resolve_variant reads it.
+        decisions = variant_decision_tags(read_json(params.layout.metrics_file("quantize")), variants) if variants else {}
         version = log_and_register(
-            model_dir, params, tags=tags | {variant_uri_tag(m): uri for m, uri in variants.items()}
+            model_dir, params, tags=tags | {variant_uri_tag(m): uri for m, uri in variants.items()} | decisions
         )
-        _link_variants(version, variants)
+        _link_variants(version, variants, decisions)
     finally:
         if started:
             mlflow.end_run()
@@ -464,12 +489,17 @@ def _settings_key(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in {"batch_size", "quantization"}}
 
 
-def _link_variants(version: Any, variants: dict[str, str]) -> None:
-    """Point a (possibly reused) main version's `sftflow.variant.<method>` tags at these variants."""
+def _link_variants(version: Any, variants: dict[str, str], decisions: dict[str, str] | None = None) -> None:
+    """Point a (possibly reused) main version's `sftflow.variant.<method>` tags at these variants, and set
+    quantize's serving decision on them (`variant_decision_tags`)."""
     for method, uri in variants.items():
         if version.tags.get(variant_uri_tag(method)) != uri:
             client().set_model_version_tag(version.name, version.version, variant_uri_tag(method), uri)
             log.info("%s version %s: %s now points at %s", version.name, version.version, variant_uri_tag(method), uri)
+    for tag, value in (decisions or {}).items():
+        if version.tags.get(tag) != value:
+            client().set_model_version_tag(version.name, version.version, tag, value)
+            log.info("%s version %s: %s = %s", version.name, version.version, tag, value)
 
 
 def _variant_dirs(params: StageParams, model_sha256: str) -> dict[str, Path]:

@@ -6,8 +6,14 @@ as the pyfunc's `predict`) to `gradio_client`. A background thread polls the ali
 `serve.poll_seconds`; when it moves, the new version is loaded first and then swapped in under a lock,
 so a request holds the version it started with until it finishes. The side panel names the version
 and variant serving, tables its test-split ROUGE-1/2/L with 95% intervals beside its base and the
-lead-k baseline (and the served quantized variant's ROUGE-L and drop), and links the review dashboard
-when `serve.review_url` is set.
+lead-k baseline (and a served variant's own ROUGE-L and drop, as quantize scored it), and links the
+review dashboard when `serve.review_url` is set.
+
+Under each summary a rating (good / bad) and an optional corrected summary go to the feedback store
+(`tasks.core.feedback`, `align.feedback_dir`) with the text, the version and variant that wrote it and
+who sent it (the login when auth is on, else the client address); `/feedback` does the same for
+`gradio_client`. Bad input and more than `serve.feedback_per_minute` a minute from one user are refused
+with the reason, nothing written. The next retrain's `align` stage learns from the corrections.
 
 Models load through `tasks.core.loading.load_registered`: every stored file is checked against the
 hashes recorded at registration and no code from the artifact store runs, so a version changed in the
@@ -26,10 +32,11 @@ from typing import Any
 
 from tasks.core.access import access_hint, login_from_env, refuse_exposure
 from tasks.core.errors import StageError
+from tasks.core.feedback import RATINGS, FeedbackRefused, FeedbackStore
 from tasks.core.generation import GenerationSettings, encode_prompts, generate, greedy_config, repetition_processors
 from tasks.core.io import iter_jsonl
 from tasks.core.loading import MANIFEST_TAG, load_registered
-from tasks.core.registry import CHAMPION, variant_uri_tag
+from tasks.core.registry import CHAMPION, resolve_variant
 from tasks.core.config import Params, env_flag
 from tasks.core.stage_params import StageParams, stage_entry, stage_params
 from tasks.core.tracking import setup_mlflow
@@ -48,8 +55,9 @@ METRIC_PREFIXES = ("evaluate.", "quantize.")
 SCORE_COLUMNS = {"rouge-1": "ROUGE-1", "rouge-2": "ROUGE-2", "rouge-l": "ROUGE-L"}
 SCORE_ROWS = (("base", "evaluate.base."), ("lead-k baseline", "evaluate.baseline."))
 MISSING = "–"
-# Variants that are the version's own weights (bf16 is cast on load); any other is a quantized variant.
-FULL_PRECISION = ("full", "bf16")
+# The version's own weights, as evaluate scored them (float32); any other (`int8`, `bf16`, `bnb-*`) is a
+# registered variant, served in the dtype and on the device class quantize scored it in.
+FULL_PRECISION = ("full",)
 
 
 @dataclass(frozen=True)
@@ -91,38 +99,14 @@ def current_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_variant(params: StageParams, model_version: Any, device: str) -> tuple[str, str, str | None]:
-    """Which variant of a version to serve on `device`, its model URI, and a note when it is missing.
-
-    A quantized variant lives in its own registered model; the full-precision version points at it
-    with the tag `sftflow.variant.<method>`. `full` and `bf16` are the version itself (bf16 is cast
-    after loading). When the tag is missing, full precision is served and the note says so.
-
-    Returns:
-        (variant served, `models:/` URI to load, note or None).
-    """
-    version = str(model_version.version)
-    wanted = params.serve.variant_gpu if device == "cuda" else params.serve.variant_cpu
-    own_uri = f"models:/{params.register.model_name}/{version}"
-    if wanted in FULL_PRECISION:
-        return wanted, own_uri, None
-    tag = variant_uri_tag(wanted)
-    uri = (model_version.tags or {}).get(tag)
-    if uri:
-        return wanted, uri, None
-    note = (
-        f"variant {wanted} was asked for (serve.variant_{'gpu' if device == 'cuda' else 'cpu'}) but version "
-        f"{version} has no tag {tag}: serving full precision. Run quantize and register to add the variant."
-    )
-    return "full", own_uri, note
-
-
 def load_version(params: StageParams, client: Any, model_version: Any, device: str | None = None) -> ServedVersion:
     """Load a registered version in the variant `serve:` asks for on this device.
 
+    Which variant: `tasks.core.registry.resolve_variant` (the same decision `promote` scores by): a variant
+    is served only when it is registered and was scored on this device class, in the dtype it was scored in.
     The files are verified and loaded by `tasks.core.loading.load_registered` (no code from the
-    artifact store runs). When the variant is not registered, full precision is served and the
-    returned `note` (shown in the app) and the log say so.
+    artifact store runs). When the variant is not registered, or was scored on another device class,
+    full precision is served and the returned `note` (shown in the app) and the log say so.
 
     Args:
         params: the resolved params (`register.model_name`, `serve.variant_cpu/gpu`).
@@ -141,12 +125,10 @@ def load_version(params: StageParams, client: Any, model_version: Any, device: s
     variant, uri, note = resolve_variant(params, model_version, device)
     if note:
         log.warning(note)
-    loaded = load_registered(uri, client=client)
+    # full: float32 on this device (on a GPU placed by tasks.core.modeling.inference_placement, checked to fit
+    # before loading); a variant: where and in which dtype quantize scored it (its marker).
+    loaded = load_registered(uri, client=client, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    if device == "cuda" and model.device.type != "cuda":
-        import torch
-
-        model.to(device="cuda", dtype=torch.bfloat16 if variant == "bf16" else None)
     tags = dict(model_version.tags or {})
     metrics = {k: float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIXES) and _is_number(v)}
     metrics.update(_run_metrics(client, model_version.run_id))
@@ -343,16 +325,17 @@ def scores_table(served: ServedVersion) -> list[str]:
     """The panel's table: fine-tuned, base and lead-k baseline on the test split, ROUGE-1/2/L as `mean [95% CI]`.
 
     Read from the version's run metrics (`evaluate.<m>`, `evaluate.base.<m>`, `evaluate.baseline.<m>` and
-    their `_low`/`_high`); a quantized variant served adds its row: `quantize.<variant>.rouge-l` and
-    its drop from full precision. What was not logged shows "–".
+    their `_low`/`_high`: the full model in float32); a variant served (`int8`, `bf16`, `bnb-*`) adds its own
+    row, the figures registered for it: `quantize.<variant>.rouge-l` (scored in its dtype on its device
+    class) and its drop from full precision. What was not logged shows "–".
     """
     m = served.metrics
-    quantized = served.variant not in FULL_PRECISION
+    variant = served.variant not in FULL_PRECISION
     lines = ["| | " + " | ".join(SCORE_COLUMNS.values()) + " |", "|---" + "|---:" * len(SCORE_COLUMNS) + "|"]
-    own = "full" if quantized else f"{served.variant}, served"
+    own = "full" if variant else f"{served.variant}, served"
     for label, prefix in ((f"fine-tuned (v{served.version}, {own})", "evaluate."), *SCORE_ROWS):
         lines.append(f"| {label} | " + " | ".join(_score_cell(m, prefix + k) for k in SCORE_COLUMNS) + " |")
-    if quantized:
+    if variant:
         key = f"quantize.{served.variant}.rouge-l"
         drop = m.get(f"{key}_drop")
         cell = MISSING if key not in m else f"{m[key]:.2f}" + (f" (drop {drop:.2f})" if drop is not None else "")
@@ -381,6 +364,31 @@ def info_markdown(served: ServedVersion, model_name: str, review_url: str = "") 
     tags = [f"- `{k}`: `{v}`" for k, v in sorted(info["tags"].items())] or ["- (no tags)"]
     lines += _collapsed(f"Lineage tags ({len(info['tags'])})", tags)
     return "\n".join(lines)
+
+
+def feedback_user(request: Any) -> str:
+    """Who sent a request: the app's login when auth is on, else the client's address (the rate limit's key)."""
+    if request is None:
+        return "anonymous"
+    if getattr(request, "username", None):
+        return str(request.username)
+    client = getattr(request, "client", None)
+    host = getattr(client, "host", None)
+    return f"ip:{host}" if host else "anonymous"
+
+
+def save_feedback(store: FeedbackStore, model_name: str, served: dict[str, str], text: str, output: str,
+                  rating: str | None, correction: str | None, user: str) -> dict[str, Any]:
+    """Store one rating (and correction) of a summary; a refusal becomes `gr.Error` with the reason, nothing written."""
+    import gradio as gr
+
+    try:
+        return store.submit(text=text if isinstance(text, str) else "", output=output if isinstance(output, str) else "",
+                            rating=rating, correction=correction if isinstance(correction, str) else None,
+                            model_name=model_name, model_version=served.get("version", ""),
+                            variant=served.get("variant", ""), user=user)
+    except FeedbackRefused as e:
+        raise gr.Error(str(e)) from e
 
 
 def example_texts(params: StageParams, n: int = EXAMPLE_ROWS) -> list[str]:
@@ -419,11 +427,34 @@ def build_app(params: StageParams, server: ChampionServer | None = None) -> Any:
     model_name = params.register.model_name
     first = server.current
     default_new_tokens = int(first.settings.get("max_new_tokens", 64))
+    feedback = FeedbackStore(params.align.feedback_dir, max_chars=cfg.max_chars, per_minute=cfg.feedback_per_minute)
 
-    def ui_summarize(text: Any, max_new_tokens: float) -> Iterator[str]:
+    def ui_summarize(text: Any, max_new_tokens: float) -> Iterator[tuple[str, dict[str, str]]]:
         check_text(text, cfg.max_chars)
         served = server.current  # this request keeps this version even if the alias moves meanwhile
-        yield from stream_summary(served, text, int(max_new_tokens))
+        # What the feedback controls attach a rating to: this text, and the version and variant that wrote it.
+        shown = {"text": text, "version": served.version, "variant": served.variant}
+        for chunk in stream_summary(served, text, int(max_new_tokens)):
+            yield chunk, shown
+
+    def ui_feedback(shown: dict[str, str] | None, output: str, rating: str | None, correction: str,
+                    request: gr.Request) -> tuple[str, Any, Any]:
+        if not shown:
+            raise gr.Error("feedback not saved: summarise a text first")
+        save_feedback(feedback, model_name, shown, shown["text"], output, rating, correction, feedback_user(request))
+        return "Thank you: feedback saved.", gr.update(value=None), gr.update(value="")
+
+    def api_feedback(text: str, output: str, rating: str, correction: str = "", request: gr.Request = None) -> dict:
+        """Rate a summary of the champion (`good` / `bad`), optionally with a corrected summary; returns the stored record's id."""
+        served = server.current
+        record = save_feedback(feedback, model_name, {"version": served.version, "variant": served.variant},
+                               text, output, rating, correction or None, feedback_user(request))
+        return {"saved": True, "id": record["id"], "version": record["model_version"]}
+
+    # Gradio finds the request parameter by its type, which `from __future__ import annotations` leaves as the
+    # string "gr.Request" (gradio is imported in here, not at module level): give it the class.
+    for fn in (ui_feedback, api_feedback):
+        fn.__annotations__["request"] = gr.Request
 
     def api_summarize(text: str) -> str:
         """Summarise one text with the champion (greedy, same as the MLflow pyfunc's predict)."""
@@ -445,14 +476,25 @@ def build_app(params: StageParams, server: ChampionServer | None = None) -> Any:
                     )
                 button = gr.Button("Summarize", variant="primary", elem_id="summarize-button")
                 summary_box = gr.Textbox(label="Summary", lines=3, interactive=False, elem_id="summary")
+                shown = gr.State(None)
+                with gr.Group(elem_id="feedback"):
+                    rating = gr.Radio(list(RATINGS), label="Was this summary good?", elem_id="feedback-rating")
+                    correction = gr.Textbox(label="Corrected summary (optional)", lines=2, elem_id="feedback-correction",
+                                            placeholder="Write the summary it should have written")
+                    send = gr.Button("Send feedback", elem_id="feedback-button")
+                    feedback_status = gr.Markdown(elem_id="feedback-status")
                 texts = example_texts(params)
                 if texts:
                     gr.Examples([[t] for t in texts], inputs=[text_box], label="Examples from the test split")
             with gr.Column(scale=2):
                 info_panel = gr.Markdown(info_markdown(first, model_name, cfg.review_url), elem_id="model-info")
         for trigger in (button.click, text_box.submit):
-            trigger(ui_summarize, [text_box, new_tokens], summary_box, api_visibility="private")
+            trigger(ui_summarize, [text_box, new_tokens], [summary_box, shown], api_visibility="private")
+        # Appending a line under a lock is cheap: feedback does not wait behind generations.
+        send.click(ui_feedback, [shown, summary_box, rating, correction], [feedback_status, rating, correction],
+                   api_visibility="private", concurrency_limit=None)
         gr.api(api_summarize, api_name="summarize")
+        gr.api(api_feedback, api_name="feedback", concurrency_limit=None)
         gr.api(api_model_info, api_name="model_info", concurrency_limit=None)
         # The panel follows the alias: read on page load and as often as the server polls. Cheap, so
         # outside the concurrency limit (a tick must not wait behind generations).

@@ -26,18 +26,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.core.checkpoints import checkpoint_step, finished_state, last_complete_checkpoint, prepare_checkpoints
 from tasks.core.config import ParamsError
 from tasks.core.data import read_split
 from tasks.core.errors import StageError
 from tasks.core.generation import GenerationSettings
 from tasks.core.io import configure_threads, dir_sha256, file_sha256, read_json, set_seed, write_json
-from tasks.core.launch import LAUNCHED_ENV, ensure_distributed_env, is_rank_zero, relaunch, threads_per_rank
+from tasks.core.launch import (
+    LAUNCHED_ENV,
+    ensure_distributed_env,
+    init_deepspeed_comm,
+    is_rank_zero,
+    relaunch,
+    release_deepspeed_config,
+    threads_per_rank,
+)
 from tasks.core.modeling import (
     count_parameters,
+    gathered_forward,
+    gathered_state_dict,
+    is_partitioned,
     load_model,
     load_model_and_tokenizer,
+    partition_share,
     resolve_lora_targets,
     save_model,
+    save_state_dict,
     with_lora,
 )
 from tasks.core.plots import write_loss_curve
@@ -48,7 +62,9 @@ from tasks.core.training import (
     loss_rows,
     nondeterministic_ops,
     peak_rss_mb,
+    precision_arguments,
     record_session,
+    resolve_precision,
     session_setup,
     training_arguments,
     use_deterministic_algorithms,
@@ -57,7 +73,6 @@ from tasks.core.training import (
 log = logging.getLogger(__name__)
 
 STAGE = "train"
-FINGERPRINT_FILE = "fingerprint.json"
 
 
 def check_params(params: StageParams) -> None:
@@ -65,7 +80,8 @@ def check_params(params: StageParams) -> None:
 
     Raises:
         ParamsError: the DeepSpeed config file does not exist or is not JSON, or more processes are
-            asked for than there are cores (CPU) or GPUs.
+            asked for than there are cores (CPU) or GPUs, or `train.precision` cannot run here (fp16 or
+            bf16 without a GPU, bf16 on a GPU without it).
     """
     import torch
 
@@ -96,8 +112,10 @@ def check_params(params: StageParams) -> None:
                 f"train.num_processes={cfg.num_processes} but this machine has {cores} CPU core(s); "
                 f"set train.num_processes to at most {cores}"
             )
-        if cfg.precision == "bf16":
-            problems.append("train.precision=bf16 needs a GPU here; use auto or fp32 on CPU")
+    try:
+        resolve_precision(cfg.precision)
+    except ParamsError as e:
+        problems.append(str(e))
     if problems:
         raise ParamsError("cannot train with these params:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -157,49 +175,6 @@ def _fingerprint(params: StageParams, base_dir: Path) -> dict[str, Any]:
     }
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a complete checkpoint folder, None when it is incomplete.
-
-    The Trainer writes `trainer_state.json` last (after weights, optimizer and RNG states), so a
-    folder whose state file parses and names the folder's step was fully written. Its weights are
-    checked too: a kill while the Trainer rotates old checkpoints out (rmtree) can leave a state
-    file beside no weights.
-    """
-    try:
-        step = int(path.name.rsplit("-", 1)[1])
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (IndexError, ValueError, OSError):
-        return None
-    # model/adapter safetensors, or DeepSpeed's own shards (ZeRO-3 without a gathered save)
-    # (not any *.bin: every checkpoint holds training_args.bin)
-    has_weights = any(any(path.glob(p)) for p in ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin", "global_step*"))
-    return step if state.get("global_step") == step and has_weights else None
-
-
-def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N` folder, or None."""
-    done = [(checkpoint_step(p), p) for p in ckpt_dir.glob("checkpoint-*") if p.is_dir()]
-    done = [(s, p) for s, p in done if s is not None]
-    return max(done)[1] if done else None
-
-
-def prepare_checkpoints(ckpt_dir: Path, fingerprint: dict[str, Any]) -> None:
-    """Keep checkpoints only when they were made with the same params and data; drop incomplete ones."""
-    fp_file = ckpt_dir / FINGERPRINT_FILE
-    if ckpt_dir.exists():
-        old = read_json(fp_file) if fp_file.exists() else None
-        if old != fingerprint:
-            if any(ckpt_dir.glob("checkpoint-*")):
-                log.warning("params, data or base changed since the checkpoints in %s were made: starting afresh", ckpt_dir)
-            shutil.rmtree(ckpt_dir)
-        else:
-            for p in ckpt_dir.glob("checkpoint-*"):
-                if checkpoint_step(p) is None:
-                    log.warning("removing incomplete checkpoint %s (the run was killed while saving it)", p)
-                    shutil.rmtree(p)
-    write_json(fp_file, fingerprint)
-
-
 @stage_entry("train")
 def run(params: StageParams) -> dict[str, Any]:
     """Fine-tune the pretrained base on the training split; write the merged model and metrics.
@@ -239,14 +214,27 @@ def run(params: StageParams) -> dict[str, Any]:
 
 def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) -> dict[str, Any]:
     """The training proper, in every rank: fit (or resume), save the final model, measure it."""
+    import torch
+
     cfg = params.train
     if cfg.deepspeed_config is not None:
         ensure_distributed_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    precision = resolve_precision(cfg.precision)
+    # The Trainer's arguments exist before the model loads: with a ZeRO-3 config they hold the DeepSpeed
+    # config transformers reads in from_pretrained (and from_config), so `deepspeed.zero.Init` builds every
+    # parameter already partitioned over the ranks. They stay alive (the Trainer keeps them) until the
+    # final model is saved.
+    args = _arguments(cfg, ckpt_dir, world_size, precision)
+    if cfg.deepspeed_config is not None:
+        args.device  # sets up torch.distributed now, and DeepSpeed's comm on it: zero.Init counts the ranks
+        init_deepspeed_comm()
     # Seeded before the model loads, so nothing drawn while loading depends on what ran before it.
     set_seed(cfg.seed)
     use_deterministic_algorithms()
     model, tokenizer = load_model_and_tokenizer(base_dir, trust_remote_code=params.model.trust_remote_code)
+    zero3 = is_partitioned(model)
+    shares = _partition_shares(model) if zero3 else None
     if cfg.method == "lora":
         targets = check_lora_targets(model, cfg.lora.target_modules)
         log.info("LoRA adapts %d modules (%s ...)", len(targets), ", ".join(targets[:4]))
@@ -266,16 +254,19 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
                 "train.target_length_percentile)",
                 split, cuts["truncated_source"], cfg.max_source_length, cuts["truncated_target"], target_limit,
             )
+    if not zero3 and torch.cuda.is_available():
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")  # where the Trainer puts it anyway
+    # The base's validation loss, from the model in hand (no second copy): every rank under ZeRO-3.
+    base_val_loss = _val_loss(params, model, tokenizer, val_rows) if zero3 or is_rank_zero() else None
     set_seed(cfg.seed)
     if cfg.method == "lora":
-        model = _with_lora(model, cfg.lora)
+        model = with_lora(model, cfg.lora)
     trainable, total = count_parameters(model)
     log.info(
         "train: %d rows (%d val), method %s, %s trainable of %s parameters, %d rank(s) x %d thread(s), deepspeed %s",
         len(train_features), len(val_features), cfg.method, f"{trainable:,}", f"{total:,}", world_size, threads,
         cfg.deepspeed_config,
     )
-    args, bf16 = _arguments(cfg, ckpt_dir, world_size)
     sessions: list[dict[str, Any]] = []
     if is_rank_zero():
         resume = last_complete_checkpoint(ckpt_dir)
@@ -285,12 +276,23 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
     with nondeterministic_ops() as alerts:
         run = _fit(params, model, tokenizer, train_features, val_features, args, ckpt_dir, callbacks)
     val_generation_seconds = sum(getattr(c, "seconds", 0.0) for c in callbacks)
+    trained = run.pop("model")
+    # The trained model's validation loss and the final folder, from the weights in memory (gathered
+    # module by module under ZeRO-3, every rank taking part); a rebuilt finished run reads its checkpoint.
+    val_loss = _val_loss(params, trained, tokenizer, val_rows) if trained is not None and (zero3 or is_rank_zero()) else None
+    # From here on rank 0 may load plain models alone: transformers must not wrap them in zero.Init.
+    release_deepspeed_config()
+    out_dir = _save_final(params, run["weights"], tokenizer, base_dir, trained, zero3)
+    del trained, model, run["trainer"]
     if not is_rank_zero():
         return {}
-    out_dir = _save_final(params, run["weights"], tokenizer, base_dir)
+    if val_loss is None:
+        tuned, _ = load_model_and_tokenizer(out_dir, trust_remote_code=params.model.trust_remote_code)
+        val_loss = _val_loss(params, tuned, tokenizer, val_rows)
+        del tuned
     metrics = {
         "method": cfg.method,
-        **_measure(params, out_dir, tokenizer, base_dir, val_rows, run),
+        **_measure(params, val_loss, base_val_loss, val_rows, run),
         "steps_run": run["steps_run"],
         "seconds": round(run["seconds"], 1),
         "selected_by": cfg.select_by,
@@ -310,7 +312,11 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
         "deepspeed_config": str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
         "num_processes": world_size,
         "threads_per_process": threads,
-        "bf16": bf16,
+        "precision": precision,
+        "bf16": precision == "bf16",
+        "zero_stage": 3 if zero3 else _zero_stage(cfg.deepspeed_config),
+        **({"partition_params_per_rank": [s["local_params"] for s in shares],
+            "partition_share_per_rank": [round(s["local_params"] / s["total_params"], 4) for s in shares]} if shares else {}),
         **determinism(sessions, alerts, cfg.seed),
     }
     write_json(params.layout.metrics_file(STAGE), metrics)
@@ -319,18 +325,13 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
     return metrics
 
 
-def _with_lora(model: Any, lora: Any) -> Any:
-    """The model wrapped with a PEFT LoRA adapter of params `train.lora`."""
-    return with_lora(model, lora)
-
-
-def _arguments(cfg: Any, ckpt_dir: Path, world_size: int) -> tuple[Any, bool]:
-    """The Trainer's arguments for params `train` (evaluated and checkpointed every few steps), and bf16."""
+def _arguments(cfg: Any, ckpt_dir: Path, world_size: int, precision: str) -> Any:
+    """The Trainer's arguments for params `train` (evaluated and checkpointed every few steps) in the resolved
+    `precision` (`tasks.core.training.resolve_precision`)."""
     import torch
 
     on_gpu = torch.cuda.is_available()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
-    args = training_arguments(
+    return training_arguments(
         ckpt_dir,
         cfg,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -340,12 +341,52 @@ def _arguments(cfg: Any, ckpt_dir: Path, world_size: int) -> tuple[Any, bool]:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.keep_checkpoints,
         deepspeed=str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
-        bf16=bf16,
         ddp_backend="gloo" if world_size > 1 and not on_gpu else None,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        **precision_arguments(precision),
         **_selection_arguments(cfg),
     )
-    return args, bf16
+
+
+def _zero_stage(deepspeed_config: Path | None) -> int | None:
+    """The ZeRO stage a DeepSpeed config file names (None without DeepSpeed)."""
+    if deepspeed_config is None:
+        return None
+    return int(json.loads(Path(deepspeed_config).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage", 0))
+
+
+def _partition_shares(model: Any) -> list[dict[str, int]]:
+    """Every rank's ZeRO-3 share of the parameters (`tasks.core.modeling.partition_share`), gathered to each rank."""
+    import torch.distributed as dist
+
+    share = partition_share(model)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [share]
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, share)
+    log.info("ZeRO-3: parameters held per rank %s of %s", [s["local_params"] for s in shares], f"{share['total_params']:,}")
+    return shares
+
+
+def _val_loss(params: StageParams, model: Any, tokenizer: Any, val_rows: list[dict[str, Any]]) -> float:
+    """Validation summary loss of a model in hand (ZeRO-3 partitioned or not: gathered layer by layer outside the engine)."""
+    cfg = params.train
+    with gathered_forward(model) if not _engine_hooked(model) else _nothing():
+        return summary_loss(
+            model, tokenizer, val_rows, template=params.data.prompt_template, use_chat_template=params.data.use_chat_template,
+            max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length, batch_size=cfg.batch_size,
+        )
+
+
+def _engine_hooked(model: Any) -> bool:
+    """True once a DeepSpeed ZeRO-3 engine drives the model (its own hooks gather the weights in forward)."""
+    return is_partitioned(model) and any(hasattr(m, "ds_recompute_parameters") for m in model.modules())
+
+
+def _nothing() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _selection_arguments(cfg: Any) -> dict[str, Any]:
@@ -396,13 +437,14 @@ def _fit(
     """
     stage_dir = params.layout.stage_dir(STAGE)
     resume = last_complete_checkpoint(ckpt_dir)
-    finished = _finished_state(resume)
+    finished = finished_state(resume)
     if finished is not None:
         # The Trainer would run one extra step when resumed at its last step; rebuild from the checkpoint.
         best = _selected_checkpoint(finished, ckpt_dir, params.train.select_by) or resume
         log.info("%s already holds the last step (%d): rebuilding the model from %s", resume, finished["global_step"], best)
         return {"history": finished["log_history"], "seconds": 0.0, "steps_run": 0, "tokens": 0,
-                "start_step": finished["global_step"], "selected_step": checkpoint_step(best), "weights": best}
+                "start_step": finished["global_step"], "selected_step": checkpoint_step(best), "weights": best,
+                "model": None, "trainer": None}
     trainer, session = _make_trainer(model, tokenizer, train_features, val_features, args, callbacks)
     if resume is not None:
         log.info("resuming from %s", resume)
@@ -413,16 +455,23 @@ def _fit(
     if not last_evaluated and params.train.select_by == "last":
         trainer.evaluate()  # the curve ends on a validation point (a reloaded best model would mislabel it)
     selected = trainer.state.best_model_checkpoint if params.train.select_by != "last" else None
-    weights = stage_dir / ("adapter" if params.train.method == "lora" else ".model.tmp")
+    lora = params.train.method == "lora"
+    weights = stage_dir / ("adapter" if lora else ".model.tmp")
     if is_rank_zero():
         shutil.rmtree(weights, ignore_errors=True)
-    # save_model gathers ZeRO-3 shards, so every rank calls it; only rank 0 writes.
-    trainer.save_model(str(weights))
+    if lora and is_partitioned(trainer.model):
+        # Only the adapter is gathered (the Trainer's save would gather the whole model to rank 0 first).
+        adapter = gathered_state_dict(trainer.model, trainable_only=True)
+        if is_rank_zero():
+            trainer.model.save_pretrained(str(weights), state_dict=adapter)
+    elif lora or not is_partitioned(trainer.model):
+        trainer.save_model(str(weights))
+    # A full ZeRO-3 model is written by _save_final, gathered module by module.
     return {"history": trainer.state.log_history, "seconds": seconds, "steps_run": len(session["steps"]),
             "tokens": trainer.state.num_input_tokens_seen - session["start_tokens"],
             "start_step": session["start_step"],
             "selected_step": checkpoint_step(Path(selected)) if selected else trainer.state.global_step,
-            "weights": weights}
+            "weights": weights, "model": trainer.model, "trainer": trainer}
 
 
 def _selected_checkpoint(state: dict[str, Any], ckpt_dir: Path, select_by: str) -> Path | None:
@@ -434,12 +483,28 @@ def _selected_checkpoint(state: dict[str, Any], ckpt_dir: Path, select_by: str) 
     return path if checkpoint_step(path) is not None else None
 
 
-def _save_final(params: StageParams, weights: Path, tokenizer: Any, base_dir: Path) -> Path:
-    """Write the final model folder (LoRA merged into the base) and swap it in atomically; returns it."""
+def _save_final(
+    params: StageParams, weights: Path, tokenizer: Any, base_dir: Path, trained: Any = None, zero3: bool = False
+) -> Path:
+    """Write the final model folder (LoRA merged into the base) and swap it in atomically; returns it.
+
+    With the trained model in hand (`trained`), its weights are written from memory: LoRA merged as PEFT
+    merges it, without loading the base again; under ZeRO-3 gathered module by module, every rank taking
+    part and rank 0 writing. A finished run rebuilt from its checkpoint (`trained` None) reads the checkpoint.
+    """
     trust = params.model.trust_remote_code
     out_dir = params.layout.model_dir(STAGE)
     tmp_dir = out_dir.with_name(".model.tmp")
-    if params.train.method == "lora":
+    if trained is not None and (zero3 or params.train.method == "lora"):
+        state = gathered_state_dict(trained, merge_lora=True)
+        if not is_rank_zero():
+            return out_dir
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        save_state_dict(state, trained, tokenizer, tmp_dir)
+        del state
+    elif not is_rank_zero():
+        return out_dir
+    elif params.train.method == "lora":
         from peft import PeftModel
 
         base = load_model(base_dir, trust_remote_code=trust)  # the tokenizer is in hand already
@@ -454,21 +519,10 @@ def _save_final(params: StageParams, weights: Path, tokenizer: Any, base_dir: Pa
 
 
 def _measure(
-    params: StageParams, out_dir: Path, tokenizer: Any, base_dir: Path, val_rows: list[dict[str, Any]], run: dict[str, Any]
+    params: StageParams, val_loss: float, base_val_loss: float, val_rows: list[dict[str, Any]], run: dict[str, Any]
 ) -> dict[str, Any]:
-    """Validation summary loss of the final model and of the base; the loss curve (CSV + PNG)."""
-    cfg, trust = params.train, params.model.trust_remote_code
-    loss_kwargs = {
-        "template": params.data.prompt_template,
-        "use_chat_template": params.data.use_chat_template,
-        "max_source_length": cfg.max_source_length,
-        "max_target_length": cfg.max_target_length,
-        "batch_size": cfg.batch_size,
-    }
-    tuned, _ = load_model_and_tokenizer(out_dir, trust_remote_code=trust)
-    base, base_tokenizer = load_model_and_tokenizer(base_dir, trust_remote_code=trust)
-    val_loss = summary_loss(tuned, tokenizer, val_rows, **loss_kwargs)
-    base_val_loss = summary_loss(base, base_tokenizer, val_rows, **loss_kwargs)
+    """The validation summary losses of the final model and the base beside the loss curve (CSV + PNG)."""
+    cfg = params.train
     rows = loss_rows(run["history"])
     at_selected = [r.get("val_rouge_l") for r in rows if r["step"] == run["selected_step"]]
     plots = params.layout.plots_dir(STAGE)
@@ -492,14 +546,6 @@ def _gpu_peak_mb() -> float | None:
     import torch
 
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
-
-
-def _finished_state(checkpoint: Path | None) -> dict[str, Any] | None:
-    """The trainer state of a checkpoint that already holds the last training step, else None."""
-    if checkpoint is None:
-        return None
-    state = read_json(checkpoint / "trainer_state.json")
-    return state if state.get("max_steps") and state["global_step"] >= state["max_steps"] else None
 
 
 def _make_trainer(

@@ -31,12 +31,11 @@ import pandas as pd
 
 from tasks.core.config import DataConfig, ValidateConfig
 from tasks.core.errors import DataError
+from tasks.core.expectations import run_suite
 from tasks.core.io import atomic_write_text, write_json, write_jsonl
 from tasks.core.stage_params import StageParams, stage_entry
 
 logger = logging.getLogger(__name__)
-# GE logs its own import and set-up (decorated closures, data sources) at INFO; the stage logs what matters.
-logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 STAGE = "validate"
 ALPACA_COLUMNS = ("instruction", "input", "output")
@@ -432,36 +431,18 @@ def _expectations(cfg: ValidateConfig, data: DataConfig) -> list[Any]:
     ]
 
 
-def run_suite(frame: pd.DataFrame, expectations: list[Any], index_columns: list[str]) -> Any:
-    """Validate `frame` with a suite in an ephemeral GE context (pandas data source, whole frame).
+def check_frame(frame: pd.DataFrame, expectations: list[Any], index_columns: list[str]) -> Any:
+    """Validate `frame` with the suite `sftflow_validate` (`tasks.core.expectations.run_suite`).
 
     Returns:
         The `ExpectationSuiteValidationResult`, with every unexpected row indexed by `index_columns`.
     """
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
-
-    context = gx.get_context(
-        mode="ephemeral",
-        project_config=DataContextConfig(
-            store_backend_defaults=InMemoryStoreBackendDefaults(),
-            analytics_enabled=False,
-            progress_bars=ProgressBarsConfig(globally=False),
-        ),
-    )
-    batch = (
-        context.data_sources.add_pandas("raw_data")
-        .add_dataframe_asset("rows")
-        .add_batch_definition_whole_dataframe("all_rows")
-        .get_batch(batch_parameters={"dataframe": frame})
-    )
-    suite = gx.ExpectationSuite(name="sftflow_validate", expectations=expectations)
-    return batch.validate(
-        suite,
+    return run_suite(
+        frame,
+        expectations,
+        suite="sftflow_validate",
+        source="raw_data",
+        asset="rows",
         result_format={
             "result_format": "COMPLETE",
             "unexpected_index_column_names": index_columns,
@@ -627,7 +608,7 @@ def run(params: StageParams) -> dict[str, Any]:
             "removed %d control characters from %d rows (texts and summaries)",
             report["control_characters_removed"], report["rows_with_control_characters"],
         )
-    result = run_suite(frame, _expectations(cfg, data), ["row", "id"])
+    result = check_frame(frame, _expectations(cfg, data), ["row", "id"])
     dropped_rows, outcome = _row_outcome(result, frame, cfg, n)
     kept = frame[~frame["row"].isin(dropped_rows)]
     success = not outcome["failures"]
@@ -654,7 +635,7 @@ def _fail_on_missing_columns(
     report and raise."""
     import great_expectations.expectations as gxe
 
-    result = run_suite(
+    result = check_frame(
         raw.frame,
         [gxe.ExpectColumnToExist(column=c, description="required column present") for c in (data.text_column, data.summary_column)],
         [],

@@ -85,10 +85,18 @@ TINY_RUN_OVERRIDES = [
     "pretrain.block_size=64",
     "train.max_steps=4",
     "train.batch_size=8",
+    # the rate these few steps were sized for; the shipped 5e-4 is tuned for 300 steps of the default model
+    "train.learning_rate=0.002",
     "train.save_steps=2",
     "train.eval_steps=2",
     "train.logging_steps=1",
     "train.deepspeed_config=null",
+    # align: a few self-generated pairs, two DPO steps, the gate on 8 val rows
+    "align.max_pairs=8",
+    "align.generate_rows=8",
+    "align.max_steps=2",
+    "align.batch_size=4",
+    "align.gate_rows=8",
     "evaluate.max_new_tokens=8",
     "evaluate.bootstrap_samples=50",
     "promote.bootstrap_samples=50",

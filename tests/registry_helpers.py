@@ -46,7 +46,7 @@ def build_upstream(params, model_dir: Path, rows: list[dict], rouge_l: list[floa
     The per-row scores are given, so a test decides exactly how good each "model" looks.
     """
     assert len(rows) == len(rouge_l)
-    target = params.layout.stage_dir("train") / "model"
+    target = params.layout.final_model
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(model_dir, target)
     test_path = write_test_split(params, rows)

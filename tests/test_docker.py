@@ -73,7 +73,13 @@ def test_stack_has_every_service_with_a_health_check():
     assert set(SERVICES) == expected
     for name in expected - jobs - {"worker"}:
         assert "healthcheck" in SERVICES[name], f"{name} has no healthcheck"
-    assert set(COMPOSE["volumes"]) == {"postgres-data", "minio-data", "worker-data"}
+    assert set(COMPOSE["volumes"]) == {"postgres-data", "minio-data", "worker-data", "feedback-data"}
+
+
+def test_the_app_and_the_worker_share_the_feedback_store():
+    store = "feedback-data:/app/data/feedback"  # align.feedback_dir under the image's WORKDIR /app
+    assert store in SERVICES["app"]["volumes"] and store in SERVICES["worker"]["volumes"]
+    assert not [s for s in SERVICES if s not in {"app", "worker"} and store in SERVICES[s].get("volumes", [])]
 
 
 # ----------------------------------------------------------------------------- the network

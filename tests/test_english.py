@@ -57,7 +57,7 @@ def readme_english_example() -> list[str]:
 
 
 def test_the_readme_english_example_runs_end_to_end(tmp_path):
-    from tasks import evaluate, pretrain, select, split, train, validate
+    from tasks import align, evaluate, pretrain, select, split, train, validate
 
     rows = news_rows(96)
     assert sum(len(r["article"]) > 2000 for r in rows) >= 10
@@ -88,6 +88,8 @@ def test_the_readme_english_example_runs_end_to_end(tmp_path):
     assert 48 < trained["target_length_limit"] <= 256
     assert trained["train_truncated_target_share"] < 0.05 and trained["val_truncated_target_share"] < 0.05
     assert 0 < trained["train_truncated_source_share"] <= 1  # long articles are cut to train.max_source_length
+    aligned = align.run(params)  # rouge_score for the self-generated pairs and the gate
+    assert aligned["pairs_self"] > 0 and aligned["final"] in {"aligned", "fine-tuned"}
     scored = evaluate.run(params)
     assert scored["test_rows"] == len((tmp_path / "artifacts/split/test.jsonl").read_text().splitlines()) > 0
     assert 0 < scored["baseline"]["rouge-l"] <= 100  # lead-k words against the highlights, by rouge_score

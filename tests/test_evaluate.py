@@ -32,7 +32,7 @@ def stage_params(tmp_path, tiny_overrides, tiny_model_dir):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3, generator=g)
-    save_model(model, tokenizer, tmp_path / "artifacts" / "train" / "model")
+    save_model(model, tokenizer, tmp_path / "artifacts" / "align" / "model")  # the final model
     # No decoding search here: these tests count generations (tests/test_evaluate.py's tune tests turn it on).
     overrides = tiny_overrides + [f"evaluate.cache_dir={tmp_path / 'cache'}", "evaluate.baseline_max_k=15",
                                   "evaluate.tune_decoding=false"]
@@ -89,7 +89,7 @@ def test_evaluate_model_accepts_a_loaded_model(stage_params):
     from tasks.core.evaluation import Evaluator
     from tasks.core.modeling import load_model_and_tokenizer
 
-    model_dir = stage_params.layout.stage_dir("train") / "model"
+    model_dir = stage_params.layout.final_model
     rows = read_jsonl(stage_params.layout.stage_dir("split") / "test.jsonl")[:4]
     evaluator = Evaluator.of(stage_params)
     from_dir, scores_dir = evaluator.evaluate(model_dir, rows, progress=False)
@@ -223,3 +223,12 @@ def test_tuning_needs_val_rows(stage_params):
         choose_decoding(Evaluator.of(stage_params), "unused", [], "zh")
     with pytest.raises(StageError, match="grid is empty"):
         choose_decoding(Evaluator.of(stage_params), "unused", [{"text": "a", "summary": "b"}], "zh", grid=())
+
+
+def test_a_missing_final_model_names_the_stage_that_writes_it(stage_params):
+    from tasks import evaluate
+
+    shutil.rmtree(stage_params.layout.final_model)
+    with pytest.raises(StageError, match=f"run `sftflow {stage_params.layout.final_model_stage}` first"):
+        evaluate.run(stage_params)
+    assert stage_params.layout.final_model_stage == "align"

@@ -80,10 +80,26 @@ def test_metrics_table_reads_the_stage_files(tmp_path):
     table = metrics_table(params)
     lines = table.splitlines()
     assert lines[0] == "| model | rouge-1 | rouge-2 | rouge-l | bleu-4 |"
-    assert "| fine-tuned model | – | – | 31.26 | – |" in lines
+    assert "| final model | – | – | 31.26 | – |" in lines  # no metrics/align.json: which model it is, unknown
     assert "| base model | – | – | 5.00 | – |" in lines
     assert "| lead-k baseline (k=20) | – | – | 12.50 | – |" in lines
     assert "| quantized int8 | – | – | 30.90 | – |" in lines
+
+
+def test_the_final_model_row_says_which_model_align_kept(tmp_path):
+    from flows.report import final_model_label, metrics_table
+
+    params = load_params(ROOT / "params.yaml", [f"paths.metrics={tmp_path}"])
+    assert final_model_label(params) == "final model"
+    cases = [
+        ({"final": "aligned", "gate": {"passed": True}}, "final model (aligned)"),
+        ({"final": "fine-tuned", "gate": {"passed": False}}, "final model (fine-tuned; align gate kept it)"),
+        ({"final": "fine-tuned", "reason": "align.enabled is false"}, "final model (fine-tuned)"),
+    ]
+    for align, label in cases:
+        (tmp_path / "align.json").write_text(json.dumps(align))
+        assert final_model_label(params) == label
+    assert f"| {label} |" in metrics_table(params)
 
 
 def test_outputs_table_reads_what_evaluate_noticed(tmp_path):
@@ -95,7 +111,7 @@ def test_outputs_table_reads_what_evaluate_noticed(tmp_path):
         "baseline": {"outputs": {"distinct_share": 1.0, "repeat_share": 0.0, "length_ratio": 1.0}},
     }))
     lines = outputs_table(params).splitlines()
-    assert "| fine-tuned model | 46% | 50% | 1.23 |" in lines
+    assert "| final model | 46% | 50% | 1.23 |" in lines
     assert "| base model | – | – | – |" in lines
     assert "| lead-k baseline | 100% | 0% | 1.00 |" in lines
 
@@ -228,7 +244,7 @@ def test_flow_cold_run_registers_and_promotes(project, harness):
     assert run.info.status == "FINISHED"
     assert "evaluate.rouge-l" in run.data.metrics
     assert run.data.tags["sftflow.outcome"] == "registered"
-    assert "| fine-tuned model |" in result["summary"] and "Champion" in result["summary"]
+    assert "| final model (" in result["summary"] and "Champion" in result["summary"]
     assert (project / "dvc.lock").exists()
     # `dvc status` agrees: the flow ran DVC's stages, so DVC alone sees nothing stale.
     dvc = Path(sys.executable).parent / "dvc"
@@ -251,7 +267,7 @@ def test_flow_evaluate_change_reruns_evaluate_onwards(project, harness):
     result = _run_flow(project, overrides=["evaluate.baseline_max_k=30"])
     ran = {s["stage"]: s["ran"] for s in result["stages"]}
     assert ran == {"validate": False, "split": False, "select": False, "pretrain": False, "train": False,
-                   "evaluate": True, "quantize": False}, ran
+                   "align": False, "evaluate": True, "quantize": False}, ran
     assert "parameters changed since champion v1" in result["reason"]
     # The registered model carries the new scores and params: a new version, gated against v1.
     assert result["status"] == "registered"
@@ -268,6 +284,53 @@ def test_flow_serve_change_makes_no_new_version(project, harness):
     result = _run_flow(project, overrides=["serve.port=7999"])
     assert result["status"] == "nothing changed", result
     assert _versions() == before
+
+
+@pytest.mark.slow
+@pytest.mark.system  # two whole flow runs when alone (`make test-system`); `make test` keeps its time budget
+def test_flow_new_feedback_alone_starts_a_retrain_that_learns_from_it(project, harness):
+    """Feedback sent to the app is the only change: no --force, the run is not skipped, align counts the
+    pair it made from the correction, and the new version's lineage names the feedback snapshot."""
+    import json
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_model_version_by_alias("sftflow-summarizer", "champion")
+    except MlflowException:  # run alone: a champion first
+        assert _run_flow(project)["status"] == "registered"
+
+    from tasks.core.config import load_params
+    from tasks.core.feedback import FeedbackStore, closed_sha256
+    from tasks.register import lineage
+
+    train_text = json.loads((project / "artifacts/split/train.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
+    store = FeedbackStore(project / "data" / "feedback", per_minute=0)
+    store.submit(text=train_text, output="模型写的标题", rating="bad", correction="读者改正的标题", user="reader")
+    champion_before = MlflowClient().get_model_version_by_alias("sftflow-summarizer", "champion")
+    # The champion's own params (an earlier test moved evaluate.baseline_max_k), so the feedback is the only change.
+    back = ["evaluate.baseline_max_k=60"]
+    assert load_params(project / "params.yaml", back).digest() == champion_before.tags["params.sha256"]
+    result = _run_flow(project, overrides=back)
+    assert "new feedback since champion" in result["reason"], result["reason"]
+    ran = {s["stage"]: s["ran"] for s in result["stages"]}
+    assert ran["align"] and not ran["train"], ran
+    align = json.loads((project / "metrics/align.json").read_text(encoding="utf-8"))
+    assert align["pairs_feedback"] == 1 and align["feedback_records"] == 1
+    snapshot = closed_sha256(project / "data" / "feedback")
+    assert align["feedback_sha256"] == snapshot != champion_before.tags["feedback.sha256"]
+    assert not store.open_file.exists()  # the flow closed the open records into a snapshot
+    assert result["status"] == "registered"
+    newest = MlflowClient().get_model_version("sftflow-summarizer", str(result["registered_version"]))
+    assert newest.tags["feedback.sha256"] == snapshot and json.loads(newest.tags["align.pairs"])["feedback"] == 1
+    cwd = Path.cwd()
+    os.chdir(project)
+    try:
+        text = lineage(load_params(project / "params.yaml"), result["registered_version"])
+    finally:
+        os.chdir(cwd)
+    assert f"feedback snapshot sha256 {snapshot}" in text and "1 feedback" in text
 
 
 @pytest.mark.slow

@@ -62,3 +62,32 @@ def test_loss_curve_rows_merge_train_and_validation_logs(tmp_path):
     write_loss_curve(rows, tmp_path / "loss.csv", tmp_path / "loss.png", "t")
     assert (tmp_path / "loss.csv").read_text() == "step,train_loss,val_loss\n1,3,\n2,2.5,2.75\n"
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_model_is_placed_where_it_fits_or_refused_with_the_figures_before_loading(tiny_model_dir, monkeypatch):
+    import torch
+
+    from tasks.core import modeling
+    from tasks.core.errors import StageError
+
+    numel = modeling.weights_numel(tiny_model_dir)
+    model, _ = modeling.load_model_and_tokenizer(tiny_model_dir)
+    assert numel == sum(p.numel() for p in model.parameters())  # tied head stored once
+    need = numel * 4 * modeling.INFERENCE_HEADROOM
+    monkeypatch.setattr(modeling, "_available_ram", lambda: int(need * 10))
+    assert modeling.inference_placement(tiny_model_dir, "float32", "cpu") == {}
+    monkeypatch.setattr(modeling, "_available_ram", lambda: int(need * 0.6))
+    with pytest.raises(StageError, match=r"does not fit: 0\.\dM parameters in float32 need 0\.\d MiB with generation headroom, this machine has 0\.\d MiB of memory available"):
+        modeling.inference_placement(tiny_model_dir, "float32", "cpu")
+    assert modeling.inference_placement(tiny_model_dir, "bfloat16", "cpu") == {}  # half the bytes: fits
+    # GPUs: the one with the most room when it fits, spread over them when only together, else refused
+    free = {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 80 * 2**30))
+    free.update({0: int(need / 2), 1: int(need * 2)})
+    assert modeling.inference_placement(tiny_model_dir, "float32", "cuda") == {"device_map": {"": 1}}
+    free.update({0: int(need * 0.6), 1: int(need * 0.6)})
+    assert modeling.inference_placement(tiny_model_dir, "float32", "cuda") == {"device_map": "auto"}
+    free.update({0: int(need * 0.3), 1: int(need * 0.3)})
+    with pytest.raises(StageError, match=r"GPUs have 0\.\d MiB free \(cuda:0 0\.\d MiB, cuda:1 0\.\d MiB\)"):
+        modeling.inference_placement(tiny_model_dir, "float32", "cuda")

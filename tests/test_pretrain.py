@@ -9,7 +9,9 @@ from tasks.core.config import ParamsError, load_params
 from tasks.core.errors import StageError
 from tasks.core.io import file_sha256, read_json, write_json
 from tasks.core.modeling import load_model_and_tokenizer
-from tasks.pretrain import pack_blocks, run
+from tasks.core.prompt import answer_ids, encode_prompt
+from tasks.core.stage_params import StageParams
+from tasks.pretrain import _framed_blocks, pack_blocks, pseudo_summary, run
 
 
 @pytest.fixture
@@ -31,6 +33,7 @@ def test_scratch_base_is_pretrained_and_loads_like_a_hub_model(tmp_path, params_
     # A random init scores about ln(vocab); twenty steps must already beat that clearly.
     assert metrics["val_loss"] < math.log(len(tok)) - 0.5
     assert metrics["steps"] == 20 and metrics["base"] == "scratch"
+    assert metrics["objective"] == "lead"  # auto, for a scratch base
     assert read_json(tmp_path / "metrics" / "pretrain.json") == metrics
     # The template's own characters are in the vocabulary, so prompts have no <unk>.
     ids = tok(params.data.prompt_template.replace("{text}", ""), add_special_tokens=False)["input_ids"]
@@ -112,3 +115,40 @@ def test_pack_blocks_joins_documents_with_eos(tiny_model_dir):
     assert all(len(b) == 3 for b in blocks)
     first, second = (tok(t, add_special_tokens=False)["input_ids"] for t in ("摘要一", "标题"))
     assert flat == first + [tok.eos_token_id] + second  # 3 + 1 + 2 tokens: two full blocks, eos of the last dropped
+
+
+def test_pseudo_summaries_are_the_lead_or_the_principal_clause():
+    text = "本文研究水稻产量。氮肥影响产量，氮肥过量降低水稻产量；结论是适量施肥。"
+    # lead: whole opening clauses while they fit, trailing punctuation dropped
+    assert pseudo_summary(text, "lead", 9, "zh") == "本文研究水稻产量"
+    assert pseudo_summary(text, "lead", 16, "zh") == "本文研究水稻产量。氮肥影响产量"
+    assert pseudo_summary(text, "lead", 5, "zh") == "本文研究水"  # a first clause longer than the cap is cut
+    # gap-sentence: F1 of character bigrams against the rest of the text. "氮肥过量降低水稻产量；" has 10
+    # bigrams, 4 of them (氮肥 水稻 稻产 产量) among the rest's 24: F1 = 2*0.4*(4/24)/(0.4+4/24) = 0.235, above
+    # the first clause's 0.176, the second's 0.118 and the last's 0.
+    assert pseudo_summary(text, "gap-sentence", 30, "zh") == "氮肥过量降低水稻产量"
+    en = "We study rice. Nitrogen lowers rice yield. Nitrogen costs money."
+    assert pseudo_summary(en, "lead", 40, "en") == "We study rice"
+    assert pseudo_summary(en, "lead", 50, "en") == "We study rice. Nitrogen lowers rice yield"
+    # F1 of words against the rest is 2 x shared / 10 words: the second sentence shares rice and nitrogen (0.4),
+    # the others one word each (0.2)
+    assert pseudo_summary(en, "gap-sentence", 80, "en") == "Nitrogen lowers rice yield"
+
+
+def test_lead_objective_frames_each_train_text_as_the_task(params_for, tiny_model_dir):
+    params = StageParams(params_for(), "pretrain")
+    _, tok = load_model_and_tokenizer(tiny_model_dir)
+    rows = [
+        {"text": "第一段摘要讲水稻。后面还有很多内容", "summary": "水稻标题"},
+        {"text": "第二段摘要讲小麦，后面还有内容", "summary": "小麦产量研究"},
+    ]
+    blocks = _framed_blocks(params, "lead", tok, rows, ["语料文档一。更多"], block_size=64)
+    template, chat = params.data.prompt_template, params.data.use_chat_template
+    framed = blocks[:3]
+    for block, text in zip(framed, [rows[0]["text"], rows[1]["text"], "语料文档一。更多"]):
+        prompt, _ = encode_prompt(tok, text, template, chat)
+        lead = pseudo_summary(text, "lead", 6, "zh")  # 6: the nearest-rank 90th percentile of the summary lengths 4 and 6
+        assert block == prompt + answer_ids(tok, text, lead, template, chat)
+        assert lead in text
+    # the reference summaries are plain packed text after the framed examples, never an answer
+    assert [i for b in blocks[3:] for i in b] == pack_blocks(tok, [r["summary"] for r in rows], 64)[0]

@@ -223,3 +223,53 @@ def test_versions_with_different_settings_are_each_compared_as_registered(store,
     assert json.loads(result["challenger_settings"])["max_new_tokens"] == 5
     assert json.loads(_tags("settings", v2)["promote.champion_settings"])["max_new_tokens"] == 8
     assert result["decision"] == "champion" and result["previous_champion"] == v1
+
+
+def _register_with_int8(params, model_dir, scores) -> int:
+    """A version with its int8 variant (the quantize stage's own functions; its measured drop 0.2)."""
+    from tasks import register
+    from tasks.core.io import dir_sha256, write_json
+    from tasks.core.modeling import load_model_and_tokenizer
+    from tasks.core.variants import save_int8
+    from tasks.quantize import quantize_int8
+
+    build_upstream(params, model_dir, ROWS, scores)
+    source = dir_sha256(params.layout.final_model)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    _, tensors, layout = quantize_int8(model)
+    save_int8(tensors, layout, model, tokenizer, params.layout.stage_dir("quantize") / "int8", source_sha256=source)
+    write_json(params.layout.metrics_file("quantize"), {"rows": len(ROWS), "int8.rouge-l": 1.0, "int8.rouge-l_drop": 0.2,
+                                                        "int8.passed": True, "model_sha256": source})
+    return register.run(params)["version"]
+
+
+def test_versions_are_compared_as_the_app_serves_them_on_this_device(store, tiny_overrides, tiny_model_dir, monkeypatch):
+    """serve.variant_cpu=int8 with int8 registered: both versions are scored through their int8 variant, loaded as
+    the app loads it, not on the float32 row scores register stored; the decision record says what was scored."""
+    from tasks import promote
+    from tasks.core.loading import load_registered
+    from tasks.core.registry import row_scores_key
+    from tasks.core.scoring import SCORING_VERSION, score
+
+    monkeypatch.setattr(promote, "this_device", lambda: "cpu")  # the int8 variant serves on the CPU
+    params = _params(tiny_overrides, "served", "serve.variant_cpu=int8", "serve.variant_gpu=bf16")
+    v1 = _register_with_int8(params, tiny_model_dir, [90.0] * len(ROWS))
+    promote.run(params)
+    _register_with_int8(params, tiny_model_dir, [40.0] * len(ROWS))
+    result = promote.run(params)
+    assert result["scored_on"] == "cpu"
+    assert result["challenger_scored_as"] == result["champion_scored_as"] == "int8 (int8 on cpu)"
+    assert result["champion_rescored"] is True and result["challenger_rescored"] is True
+    # The number compared is the number served: the champion's int8 variant's own summaries of these rows.
+    served = load_registered(_tags("served", v1)["sftflow.variant.int8"]).predict([r["text"] for r in ROWS])
+    per_row = score(served, [r["summary"] for r in ROWS], params.data.language, bootstrap_samples=1)["per_row"]
+    assert result["champion_rouge-l"] == pytest.approx(sum(s["rouge-l"] for s in per_row) / len(per_row))
+    assert result["delta"] == pytest.approx(0.0) and result["decision"] == "challenger"  # same weights: no gain
+    assert "not re-scored on this CPU" in result["scoring_note"] and "serve.variant_gpu=bf16" in result["scoring_note"]
+    assert _tags("served", result["version"])["promote.champion_scored_as"] == "int8 (int8 on cpu)"
+    key = row_scores_key(result["test_sha256"], _tags("served", v1)["sftflow.settings_sha256"], SCORING_VERSION)
+    assert promote.load_row_scores(_tags_run("served", v1), f"{key}.int8-cpu") is not None  # cached for the variant
+    # Served in full precision: the float32 row scores register stored are compared, nothing generated.
+    full = promote.run(_params(tiny_overrides, "served", "serve.variant_cpu=full", "serve.variant_gpu=full"))
+    assert full["champion_scored_as"] == full["challenger_scored_as"] == "full (float32 on cpu)"
+    assert full["champion_rescored"] is False and full["delta"] == pytest.approx(-50.0)

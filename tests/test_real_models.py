@@ -318,7 +318,7 @@ def _run_chain(family: str, root: Path, base: Path, data: Path, name: str | None
     """pretrain (pass-through) -> train (LoRA) -> evaluate -> quantize -> register -> promote, as `sftflow run` would."""
     from safetensors.torch import load_file
 
-    from tasks import evaluate, pretrain, promote, quantize, register, train
+    from tasks import align, evaluate, pretrain, promote, quantize, register, train
 
     write_tiny_splits(root / "artifacts", n=30)  # 24 train, 3 val, 3 test rows
     params = load_params(ROOT / "params.yaml", [
@@ -344,6 +344,9 @@ def _run_chain(family: str, root: Path, base: Path, data: Path, name: str | None
     assert before.keys() == passed.keys() and all(torch.equal(before[k], passed[k]) for k in before)
     trained = train.run(params)
     assert trained["method"] == "lora" and 0 < trained["trainable_params"] < trained["total_params"]
+    # DPO through the real chat template and pad token: a fresh LoRA adapter, the reference with it disabled
+    aligned = align.run(params)
+    assert aligned["pairs_self"] > 0 and aligned["steps"] == 2 and 0 < aligned["trainable_params"] < aligned["total_params"]
     evaluated = evaluate.run(params)
     quantized = quantize.run(params)
     registered = register.run(params)

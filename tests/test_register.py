@@ -21,10 +21,10 @@ def store(tmp_path_factory):
         yield root
 
 
-def _params(tiny_overrides, name):
+def _params(tiny_overrides, name, *extra):
     from tasks.core.config import load_params
 
-    return load_params(ROOT / "params.yaml", tiny_overrides + [f"register.model_name={name}"])
+    return load_params(ROOT / "params.yaml", tiny_overrides + [f"register.model_name={name}", *extra])
 
 
 def test_register_records_lineage_and_safetensors_only(store, tiny_overrides, tiny_model_dir, tiny_data):
@@ -179,7 +179,9 @@ def test_quantized_variant_registered_loaded_and_gated(store, tiny_overrides, ti
     from tasks.core.generation import GenerationSettings, generate
     from tasks.core.variants import load_quantized
 
-    params = _params(tiny_overrides, "reg-variant")
+    # Served in full precision, so the gate compares the given float32 row scores (a served int8 variant would be
+    # re-scored as served: tests/test_promote.py); each variant's drop is gated either way.
+    params = _params(tiny_overrides, "reg-variant", "serve.variant_cpu=full", "serve.variant_gpu=full")
     build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
     folder = _int8_variant(params, tiny_model_dir, drop=0.2)
     first = register.run(params)
@@ -241,7 +243,7 @@ def test_register_is_idempotent_after_a_partial_attempt_and_a_retry(store, tiny_
     main = client.get_model_version("reg-idem", "1")
     assert main.tags["sftflow.variant.int8"] == "models:/reg-idem-int8/1"
     assert main.tags[register.CONTENT_TAG] == register.content_sha256(
-        params.layout.stage_dir("train") / "model", params, {**main.tags, "code.commit": "other"}
+        params.layout.final_model, params, {**main.tags, "code.commit": "other"}
     )  # circumstances (commit, flow run) are not content
 
     # A retry of a run that already finished: the same versions, nothing new.

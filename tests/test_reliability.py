@@ -36,7 +36,9 @@ MODEL = "sftflow-summarizer"
 TRAIN_STEPS = 30  # long enough to be killed mid-epoch after a checkpoint (every 5 steps)
 # Checkpoints every 5 steps for the kill-and-resume scenarios; `last` because best-checkpoint selection
 # would need a checkpoint at every evaluation (save_steps a multiple of eval_steps).
-PROJECT_OVERRIDES = [f"train.max_steps={TRAIN_STEPS}", "train.save_steps=5", "train.eval_steps=15", "train.select_by=last"]
+ALIGN_STEPS = 30  # the same for align (DPO): checkpoints every 5 steps
+PROJECT_OVERRIDES = [f"train.max_steps={TRAIN_STEPS}", "train.save_steps=5", "train.eval_steps=15", "train.select_by=last",
+                     f"align.max_steps={ALIGN_STEPS}", "align.save_steps=5"]
 RUN_TIMEOUT = 600.0
 
 
@@ -208,7 +210,7 @@ def assert_registry_clean() -> None:
 
 @pytest.mark.slow
 def test_sigkill_during_each_stage_then_the_next_run_completes(world):
-    from tasks.train import checkpoint_step, last_complete_checkpoint
+    from tasks.core.checkpoints import checkpoint_step, last_complete_checkpoint
 
     project = world["project"]
     ckpt_dir = project / "artifacts" / "train" / "checkpoints"
@@ -233,11 +235,15 @@ def test_sigkill_during_each_stage_then_the_next_run_completes(world):
     state = json.loads((last_complete_checkpoint(ckpt_dir) / "trainer_state.json").read_text(encoding="utf-8"))
     (fake / "trainer_state.json").write_text(json.dumps({**state, "global_step": TRAIN_STEPS - 1}), encoding="utf-8")
 
-    # evaluate: training resumes and finishes in this run; killed once evaluate starts
-    run = FlowRun(world, "kill-evaluate")
-    run.wait_for_line("Running stage 'evaluate'")
+    # align: training resumes and finishes in this run; align (DPO) is killed once it has a complete checkpoint
+    align_dir = project / "artifacts" / "align" / "checkpoints"
+    run = FlowRun(world, "kill-align")
+    run.wait_for_line("Running stage 'align'")
+    run.wait_for("a complete align checkpoint", lambda: align_dir.is_dir() and last_complete_checkpoint(align_dir) is not None)
     run.kill()
     assert_outputs_whole(project)
+    align_killed_at = checkpoint_step(last_complete_checkpoint(align_dir))
+    assert 0 < align_killed_at < ALIGN_STEPS
     log = run.text()
     assert "removing incomplete checkpoint" in log and f"checkpoint-{TRAIN_STEPS - 1}" in log
     train = json.loads((project / "metrics" / "train.json").read_text(encoding="utf-8"))
@@ -246,6 +252,16 @@ def test_sigkill_during_each_stage_then_the_next_run_completes(world):
     assert f"resuming from artifacts/train/checkpoints/checkpoint-{train['resumed_from_step']}" in log
     # no step done twice: this session ran exactly the steps after the checkpoint
     assert train["steps"] == TRAIN_STEPS and train["steps_run"] == TRAIN_STEPS - train["resumed_from_step"]
+
+    # evaluate: align resumes from its checkpoint and finishes in this run; killed once evaluate starts
+    run = FlowRun(world, "kill-evaluate")
+    run.wait_for_line("Running stage 'evaluate'")
+    run.kill()
+    assert_outputs_whole(project)
+    align = json.loads((project / "metrics" / "align.json").read_text(encoding="utf-8"))
+    assert ALIGN_STEPS > align["resumed_from_step"] >= align_killed_at > 0
+    assert f"resuming from artifacts/align/checkpoints/checkpoint-{align['resumed_from_step']}" in run.text()
+    assert align["steps"] == ALIGN_STEPS and align["steps_run"] == ALIGN_STEPS - align["resumed_from_step"]
 
     # register: killed once its int8 variant is registered, most likely before the main version
     # (registered after it): the next run must reuse that variant, not leave it orphaned.
@@ -339,6 +355,56 @@ def test_two_runs_at_once_one_fails_on_the_lock(world):
     assert "another retrain run holds" in loser.text() and "sftflow-retrain.lock" in loser.text()
     assert _versions() == [*before, before[-1] + 1]  # one writer, one registration
     assert_registry_clean()
+
+
+# ------------------------------------------------------------------ 6. two app processes, one feedback store
+
+
+@pytest.mark.slow
+def test_two_app_processes_appending_feedback_at_once_lose_nothing(world):
+    """Two `sftflow serve` processes share the project's feedback store (as app replicas share the compose
+    volume); 2 x 40 concurrent /feedback calls, some refused: every valid record is stored exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from flow_helpers import free_port
+    from tasks.core.feedback import FeedbackStore
+
+    project, root = world["project"], world["root"]
+    store = FeedbackStore(project / "data" / "feedback")
+    before = {r["id"] for r in store.open_records()}
+    apps, urls = [], []
+    try:
+        for i in range(2):
+            port = free_port()
+            log_file = root / f"app-{i}.log"
+            apps.append((start_group([str(BIN / "sftflow"), "serve", "--port", str(port), "-S", "serve.feedback_per_minute=0"],
+                                     log_file, env=world["env"], cwd=project), log_file))
+            urls.append(f"http://127.0.0.1:{port}/")
+        for (proc, log_file), url in zip(apps, urls):
+            wait_http(url, proc, log_file, timeout=240)
+        clients = [Client(url, verbose=False) for url in urls]
+
+        def send(i: int):
+            rating, correction = ("bad", f"改正 {i}") if i % 5 else ("bad", f"输出 {i}")  # every 5th: correction = output
+            try:
+                return clients[i % 2].predict(f"文本 {i}", f"输出 {i}", rating, correction, api_name="/feedback")["id"]
+            except AppError as e:
+                assert "same as the summary" in str(e)
+                return None
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            ids = list(pool.map(send, range(80)))
+    finally:
+        for proc, _ in apps:
+            stop_group(proc)
+    saved = [i for i in ids if i is not None]
+    assert len(saved) == 64 and len(set(saved)) == 64
+    stored = [r for r in store.open_records() if r["id"] not in before]
+    assert sorted(r["id"] for r in stored) == sorted(saved)  # every valid one, exactly once; no refused one
+    assert {r["text"] for r in stored} == {f"文本 {i}" for i in range(80) if i % 5}
 
 
 # ------------------------------------------------------------------ 4. bad data, scheduled run
@@ -435,11 +501,7 @@ def _checkpoint(ckpt_dir: Path, step: int, *, state: str | None = "ok", weights:
 
 def test_resume_passes_over_partial_checkpoints(tmp_path):
     from tasks.core.io import write_json
-    from tasks.train import (
-        FINGERPRINT_FILE,
-        last_complete_checkpoint,
-        prepare_checkpoints,
-    )
+    from tasks.core.checkpoints import FINGERPRINT_FILE, last_complete_checkpoint, prepare_checkpoints
 
     ckpt_dir = tmp_path / "checkpoints"
     _checkpoint(ckpt_dir, 2)

@@ -223,7 +223,7 @@ def test_lineage_shows_the_facts_sftflow_lineage_prints(page, registry):
 
     at = page()
     steps = at.table[0].value
-    assert list(steps["step"]) == ["data", "validation", "splits", "params", "code", "flow run", "metrics", "promotion", "aliases"]
+    assert list(steps["step"]) == ["data", "validation", "splits", "params", "alignment", "code", "flow run", "metrics", "promotion", "aliases"]
     printed = register.lineage(registry["params"], 3)
     for value in steps["what the registry says"]:
         assert value in printed

@@ -127,6 +127,8 @@ def served(tmp_path_factory, tiny_model_dir):
             f"serve.poll_seconds={POLL_SECONDS}",
             f"serve.max_chars={MAX_CHARS}",
             f"serve.review_url={REVIEW_URL}",
+            f"align.feedback_dir={tmp / 'feedback'}",
+            "serve.feedback_per_minute=0",
         ])
         test_rows = [{"id": str(i), "text": r["text"][:200], "summary": r["summary"]} for i, r in enumerate(sample_rows(5))]
         write_jsonl(params.layout.stage_dir("split") / "test.jsonl", test_rows)
@@ -196,6 +198,40 @@ def test_bad_input_is_an_api_error_and_the_app_stays_up(served, value, message):
     assert served["client"].predict(served["texts"][0], api_name="/summarize")
 
 
+def test_fifty_concurrent_feedback_submissions_store_each_valid_one_once(served):
+    from gradio_client.exceptions import AppError
+
+    from tasks.core.feedback import FeedbackStore
+
+    client, text = served["client"], served["texts"][0]
+    store = FeedbackStore(served["params"].align.feedback_dir)
+    before = len(store.open_records())
+    bad = [("", "输出", "bad", "改正", "input text is empty"), (text, "输出", "bad", "输出", "same as the summary"),
+           (text, "输出", "so-so", "", "choose a rating"), ("字" * (MAX_CHARS + 1), "输出", "good", "", "more than the 300")]
+    jobs = [(text, f"输出 {i}", "bad" if i % 2 else "good", f"改正 {i}" if i % 2 else "", None) for i in range(40)]
+    jobs += [bad[i % len(bad)] for i in range(10)]
+
+    def send(job):
+        t, output, rating, correction, refusal = job
+        try:
+            return client.predict(t, output, rating, correction, api_name="/feedback"), refusal
+        except AppError as e:
+            return str(e), refusal
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(send, jobs))
+    for (answer, refusal), job in zip(results, jobs):
+        if refusal is None:
+            assert answer["saved"] is True and answer["version"] == served["v1"], (job, answer)
+        else:
+            assert refusal in answer and "feedback not saved" in answer, (job, answer)
+    stored = store.open_records()[before:]
+    assert sorted(r["output"] for r in stored) == sorted(f"输出 {i}" for i in range(40))  # each valid one, once
+    assert {r["id"] for r in stored} == {a["id"] for a, refusal in results if refusal is None}
+    assert all(r["model_name"] == "serve-app" and r["user"] == "ip:127.0.0.1" for r in stored)
+    assert {r["correction"] for r in stored if r["rating"] == "good"} == {None}
+
+
 @pytest.fixture(scope="module")
 def browser():
     """Debian's Chromium, headless, driven by playwright (no downloaded browser)."""
@@ -241,6 +277,25 @@ def test_page_in_headless_chromium_shows_the_summary(served, browser):
         page.locator("#summarize-button").click()
         expect(page.locator("#summary textarea")).to_have_value(expected, timeout=30_000)
         page.screenshot(path=str(shot), full_page=True)
+        # Feedback under the summary: a rating and a correction go to the store with this text and version.
+        from tasks.core.feedback import FeedbackStore
+
+        store = FeedbackStore(served["params"].align.feedback_dir)
+        before = len(store.open_records())
+        page.locator("#feedback-rating").get_by_label("bad").check()
+        page.locator("#feedback-correction textarea").fill("人工改正的标题")
+        page.locator("#feedback-button").click()
+        expect(page.locator("#feedback-status")).to_contain_text("feedback saved", timeout=30_000)
+        expect(page.locator("#feedback-correction textarea")).to_have_value("")  # cleared for the next one
+        record = store.open_records()[before]
+        assert (record["text"], record["output"], record["rating"], record["correction"], record["model_version"]) == (
+            text, expected, "bad", "人工改正的标题", served["v1"])
+        # A correction identical to the summary is refused with the reason, and nothing is written.
+        page.locator("#feedback-rating").get_by_label("good").check()
+        page.locator("#feedback-correction textarea").fill(expected)
+        page.locator("#feedback-button").click()
+        expect(page.get_by_text("the correction is the same as the summary")).to_be_visible(timeout=30_000)
+        assert len(store.open_records()) == before + 1
         # Bad input from the page: a clear message, and the page still works afterwards.
         page.locator("#input-text textarea").fill("   ")
         page.locator("#summarize-button").click()
@@ -362,30 +417,37 @@ def test_info_panel_tables_the_scores_links_the_dashboard_and_folds_the_tags():
     metrics = {"evaluate.rouge-1": 14.5, "evaluate.rouge-1_low": 13.0, "evaluate.rouge-1_high": 16.0,
                "evaluate.rouge-l": 12.5, "evaluate.rouge-l_low": 11.25, "evaluate.rouge-l_high": 13.75,
                "evaluate.baseline.rouge-l": 28.0,  # logged without its interval
-               "quantize.int8.rouge-l": 12.25, "quantize.int8.rouge-l_drop": 0.25, "quantize.int8.size_mb": 2.0}
+               "quantize.int8.rouge-l": 12.25, "quantize.int8.rouge-l_drop": 0.25, "quantize.int8.size_mb": 2.0,
+               "quantize.bf16.rouge-l": 12.0, "quantize.bf16.rouge-l_drop": 0.5, "quantize.bf16.on_cuda": 1.0}
 
     def served(variant: str) -> ServedVersion:
         return ServedVersion("7", variant, "models:/m/7", SimpleNamespace(device="cpu"), None, {}, metrics, {"data.sha256": "feed"})
 
-    text = info_markdown(served("bf16"), "m", "https://review.example.com/")
+    text = info_markdown(served("full"), "m", "https://review.example.com/")
     lines = text.splitlines()
-    assert "### Serving `m` version 7 (`@champion`)" in lines and "- variant: `bf16` on `cpu`" in lines
+    assert "### Serving `m` version 7 (`@champion`)" in lines and "- variant: `full` on `cpu`" in lines
     assert "- [review dashboard](https://review.example.com/): every version, why this one serves, outputs side by side" in lines
     table = lines[lines.index("| | ROUGE-1 | ROUGE-2 | ROUGE-L |"):][:5]
     assert table[2:] == [
-        "| fine-tuned (v7, bf16, served) | 14.50 [13.00, 16.00] | – | 12.50 [11.25, 13.75] |",
+        "| fine-tuned (v7, full, served) | 14.50 [13.00, 16.00] | – | 12.50 [11.25, 13.75] |",
         "| base | – | – | – |",  # base not evaluated (a real base model)
         "| lead-k baseline | – | – | 28.00 |",
     ]
     # the tags and the full metric list sit in closed sections, after the table
     assert text.index("<summary>Lineage tags (1)</summary>") > text.index("| lead-k baseline")
-    assert "<details open" not in text and "- `data.sha256`: `feed`" in text and "<summary>All metrics (10)</summary>" in text
+    assert "<details open" not in text and "- `data.sha256`: `feed`" in text and "<summary>All metrics (13)</summary>" in text
     # a quantized variant served: its ROUGE-L and drop get their own row; the first row is full precision
     quantized = info_markdown(served("int8"), "m")
     assert "| fine-tuned (v7, full) | 14.50 [13.00, 16.00] | – | 12.50 [11.25, 13.75] |" in quantized
     assert "| fine-tuned (v7, int8, served) | – | – | 12.25 (drop 0.25) |" in quantized
     assert "review dashboard" not in quantized  # serve.review_url empty: no link
     assert "| fine-tuned (v7, bnb-nf4, served) | – | – | – |" in info_markdown(served("bnb-nf4"), "m")  # not measured
+    # bf16 is a variant like int8, not full precision: its own registered figure (scored in bf16 where it
+    # serves), never the float32 evaluate figures under its name
+    bf16 = info_markdown(served("bf16"), "m")
+    assert "| fine-tuned (v7, full) | 14.50 [13.00, 16.00] | – | 12.50 [11.25, 13.75] |" in bf16
+    assert "| fine-tuned (v7, bf16, served) | – | – | 12.00 (drop 0.50) |" in bf16
+    assert "| fine-tuned (v7, bf16, served) | 14.50" not in bf16
 
 
 def test_review_url_must_be_a_link():
@@ -410,7 +472,31 @@ def test_variant_comes_from_the_version_tag_or_full_precision_with_a_note(tiny_p
     assert resolve_variant(tiny_params, tagged, "cpu") == ("int8", f"models:/{name}-int8/7", None)
     variant, uri, note = resolve_variant(tiny_params, bare, "cpu")
     assert (variant, uri) == ("full", f"models:/{name}/3") and "sftflow.variant.int8" in note
-    assert resolve_variant(tiny_params, bare, "cuda") == ("bf16", f"models:/{name}/3", None)
+    # bf16 on a GPU is served only as a registered variant scored there, never the version cast on load
+    variant, uri, note = resolve_variant(tiny_params, bare, "cuda")
+    assert (variant, uri) == ("full", f"models:/{name}/3") and "sftflow.variant.bf16" in note
+
+
+def test_a_variant_quantize_found_slower_is_not_served_and_the_note_says_why(tiny_params):
+    from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+    from tasks.core.registry import variant_decision_tags
+    from tasks.serve import resolve_variant
+
+    name = tiny_params.register.model_name
+    link = ModelVersionTag("sftflow.variant.int8", f"models:/{name}-int8/7")
+    reason = "slower than full precision: ratio 0.950–1.040 (variant ÷ full over 3 repeats)"
+    slow = variant_decision_tags({"int8.served": False, "int8.reason": reason}, ["int8"])
+    fast = variant_decision_tags({"int8.served": True, "int8.reason": "faster than full precision: ratio 0.8–0.9"}, ["int8"])
+    assert slow == {"sftflow.variant_served.int8": "false", "sftflow.variant_reason.int8": reason}
+    assert variant_decision_tags({"int8.passed": True}, ["int8"]) == {}  # measured before the speed check: no decision
+
+    def version(tags):
+        return ModelVersion(name, "3", creation_timestamp=0, tags=[link, *(ModelVersionTag(k, v) for k, v in tags.items())])
+
+    variant, uri, note = resolve_variant(tiny_params, version(slow), "cpu")
+    assert (variant, uri) == ("full", f"models:/{name}/3") and reason in note and "int8" in note
+    assert resolve_variant(tiny_params, version(fast), "cpu") == ("int8", f"models:/{name}-int8/7", None)
 
 
 def test_run_binds_localhost_without_share_and_reads_auth(monkeypatch, tiny_params):
@@ -506,3 +592,13 @@ def test_streamed_output_equals_generate_with_repetition_controls(tiny_model_dir
     served = ServedVersion("1", "full", "models:/m/1", model, tokenizer, {**tuned.to_dict(), "language": "zh"})
     for text, want in zip(texts, expected):
         assert list(stream_summary(served, text, tuned.max_new_tokens))[-1] == want
+
+
+def test_feedback_is_keyed_by_the_login_else_the_client_address():
+    from types import SimpleNamespace
+
+    from tasks.serve import feedback_user
+
+    assert feedback_user(SimpleNamespace(username="ana", client=SimpleNamespace(host="10.0.0.7"))) == "ana"
+    assert feedback_user(SimpleNamespace(username=None, client=SimpleNamespace(host="10.0.0.7"))) == "ip:10.0.0.7"
+    assert feedback_user(None) == "anonymous"

@@ -12,11 +12,12 @@ from conftest import ROOT, sample_rows, write_tiny_splits
 from safetensors.torch import load_file
 
 from tasks.cli import main as cli
+from tasks.core.checkpoints import checkpoint_step, last_complete_checkpoint
 from tasks.core.config import ParamsError, load_params
 from tasks.core.io import read_json
 from tasks.core.modeling import load_model_and_tokenizer
 from tasks.core.prompt import collate_features, encode_example, summary_loss
-from tasks.train import checkpoint_step, last_complete_checkpoint, run
+from tasks.train import run
 
 TEMPLATE = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："
 # Steps fast enough for tests, with a learning rate that moves a 32-wide model in a few steps.
@@ -43,6 +44,8 @@ def base_dir(tmp_path_factory):
         "pretrain.batch_size=8",
         "pretrain.block_size=64",
         "pretrain.learning_rate=0.02",
+        # the train tests' losses were sized on a plain-LM base; pretrain's own tests cover the objectives
+        "pretrain.objective=lm",
     ]
     pretrain(load_params(ROOT / "params.yaml", overrides))
     return root / "artifacts"
@@ -144,6 +147,7 @@ def _overrides_for(root, base_dir):
         f"paths.plots={root / 'plots'}",
         "train.max_steps=16",
         "train.batch_size=8",
+        "train.learning_rate=0.002",
         "train.save_steps=4",
         "train.eval_steps=4",
         "train.logging_steps=1",
@@ -271,6 +275,33 @@ def test_bad_params_are_named_before_training(tmp_path, project, capsys):
     assert cli([*args, "-S", "train.batch_size=0"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
     assert not (tmp_path / "artifacts" / "train" / "model").exists()
+
+
+def test_precision_is_decided_in_one_place_and_a_wrong_one_names_the_key(tmp_path, project, capsys, monkeypatch):
+    from tasks.core.training import precision_arguments, resolve_precision
+
+    overrides, _ = project
+    if not torch.cuda.is_available():
+        for precision in ("fp16", "bf16"):
+            with pytest.raises(ParamsError, match=rf"train\.precision={precision} needs a CUDA GPU.*auto or fp32"):
+                run(params_of(overrides, f"train.precision={precision}"))
+        assert not list((tmp_path / "artifacts" / "train").glob("checkpoints/checkpoint-*"))
+    args = ["train", "-p", str(ROOT / "params.yaml")] + [a for o in overrides for a in ("-S", o)]
+    assert cli([*args, "-S", "train.precision=fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "train.precision" in err and "'fp16'" in err
+    # auto: fp32 on the CPU, bf16 on a GPU that has it, fp16 (loss scaling) on one that has not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") == "fp32" and resolve_precision("fp32") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    for has_bf16, picked in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, b=has_bf16: b)
+        assert resolve_precision("auto") == picked
+    with pytest.raises(ParamsError, match=r"train\.precision=bf16 but Tesla V100 has no bf16"):
+        resolve_precision("bf16")
+    assert precision_arguments("fp16") == {"bf16": False, "fp16": True}
+    assert precision_arguments("fp32") == {"bf16": False, "fp16": False}
 
 
 def test_the_kept_checkpoint_is_the_best_by_val_rouge_not_the_lowest_loss(tmp_path, base_dir, monkeypatch):

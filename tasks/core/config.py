@@ -49,7 +49,7 @@ SCORING_KEYS = ("data.language", "evaluate.bootstrap_samples", "evaluate.seed", 
 
 # The sections that change the model or its scores; `Params.digest` hashes these alone. Not here:
 # `paths` (where files go), `register` (names), `promote` (the gate), `serve` (the app) and `review` (the dashboard).
-MODEL_SECTIONS = ("data", "model", "validate", "split", "select", "pretrain", "train", "evaluate", "quantize")
+MODEL_SECTIONS = ("data", "model", "validate", "split", "select", "pretrain", "train", "align", "evaluate", "quantize")
 
 
 AUTO = "auto"
@@ -375,7 +375,10 @@ class PretrainConfig(Section):
     files, packed into blocks. By intent: always for a scratch base, only when asked for a real one."""
 
     stage_help: ClassVar[str] = 'build the scratch base (tokenizer + decoder) or load a base; pretrain it on the corpus'
-    stage_reads: ClassVar[tuple[str, ...]] = ("model", "pretrain", "data.language", "data.prompt_template", "train.method", "train.lora")
+    stage_reads: ClassVar[tuple[str, ...]] = (
+        "model", "pretrain", "data.language", "data.prompt_template", "data.use_chat_template",
+        "train.method", "train.lora", "train.precision",
+    )
 
     enabled: bool | Literal["auto"] = Field(
         default=AUTO,
@@ -396,6 +399,15 @@ class PretrainConfig(Section):
         gt=0,
         description="Peak learning rate of continued pretraining of a real base (`pretrain.enabled: true`); a "
         "scratch base uses `pretrain.learning_rate`.",
+    )
+    objective: Literal["auto", "lm", "lead", "gap-sentence"] = Field(
+        default=AUTO,
+        description="What the base learns. `lm`: causal language modelling of the texts and summaries packed into "
+        "blocks. `lead` / `gap-sentence` (PEGASUS's pseudo-summaries): each document (train texts, corpus files) "
+        "is framed as the task, in the prompt template, and answered by a summary it writes of itself (its "
+        "opening clauses, or its clause most like the rest of it), every token still carrying loss, so the base "
+        "learns to answer the prompt from its source before fine-tuning. `auto`: `lead` for a scratch base, `lm` "
+        "for a real base's continued pretraining.",
     )
     epochs: float = Field(default=4.0, gt=0, description="Passes over the packed training corpus.")
     max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
@@ -550,8 +562,10 @@ class TrainConfig(Section):
         description="Stop after N evaluations without a better `select_by` figure; 0 = train to the end. Not with `last`.",
     )
     logging_steps: int = Field(default=1, gt=0, description="Log the training loss every N steps.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="auto = bf16 on a GPU that supports it, else fp32."
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto",
+        description="Training precision. `auto`: bf16 on a GPU that supports it, fp16 (with loss scaling) on an older "
+        "GPU, fp32 on the CPU. bf16 and fp16 need a CUDA GPU (`tasks.core.training.resolve_precision` decides).",
     )
     seed: int = Field(default=42, description="Seeds the data order, dropout and the LoRA initialisation.")
 
@@ -571,6 +585,103 @@ class TrainConfig(Section):
             )
         if self.select_by == "last" and self.early_stopping_patience:
             raise ValueError("train.early_stopping_patience needs train.select_by rouge-l or loss (what would it watch?)")
+        return self
+
+
+class AlignConfig(Section):
+    """Learning from preferences: DPO (TRL's `DPOTrainer`) of the fine-tuned model on (prompt, chosen, rejected) pairs.
+
+    Pairs come, in this order, from the app's feedback corrections (chosen = the correction, rejected =
+    the model's output), the preference file `align.data`, and the train split (chosen = the reference,
+    rejected = the fine-tuned model's own greedy output where it scores below `align.max_rouge_l`), at most
+    `align.max_pairs` in all. No pair comes from a val or test row, and feedback on a near-duplicate of one
+    (`split.near_duplicate_threshold`) is dropped and counted. The reference model is the fine-tuned model
+    (for LoRA: the adapter disabled). The aligned model replaces the fine-tuned one only when it is not
+    worse on val rows (`align.max_drop`); otherwise the fine-tuned model is passed through and
+    metrics/align.json says why. `artifacts/align/model` is the final model either way. Precision,
+    DeepSpeed and LoRA follow `train:`; align runs in one process (`train.num_processes` is train's alone).
+    """
+
+    stage_help: ClassVar[str] = "DPO on feedback, preference-file and self-generated pairs; keep it only if not worse on val"
+    stage_reads: ClassVar[tuple[str, ...]] = (
+        "align",
+        "train.method",
+        "train.lora",
+        "train.precision",
+        "train.deepspeed_config",
+        "train.torch_threads",
+        "train.max_target_length",
+        "split.near_duplicate_threshold",
+        "model.trust_remote_code",
+        *GENERATION_KEYS,
+        *SCORING_KEYS,
+    )
+
+    enabled: bool = Field(
+        default=True,
+        description="Run DPO; `false` passes the fine-tuned model through unchanged as the final model.",
+    )
+    data: Path | None = Field(
+        default=None,
+        description="A preference file (JSONL, CSV or Parquet) with `prompt` (the source text; the prompt template is "
+        "applied), `chosen` and `rejected` columns, checked with Great Expectations; null: none. Its sha256 is recorded "
+        "in metrics/align.json and the registered version's tags, and is part of the data-change trigger.",
+    )
+    feedback_dir: Path = Field(
+        default=Path("data/feedback"),
+        description="The app's feedback store: `records.jsonl` (open, appended by the app) and `closed/` (snapshots "
+        "the retrain flow closes before its stages run; align reads only these).",
+    )
+    max_pairs: int = Field(
+        default=64, ge=0, description="Most pairs trained on, filled in source order (feedback, file, self-generated)."
+    )
+    self_pairs: bool = Field(
+        default=True, description="Build pairs from the train split: the reference beats the model's own greedy output."
+    )
+    generate_rows: int = Field(
+        default=96,
+        ge=0,
+        description="Train rows (seeded order) the fine-tuned model generates for, to find self-generated pairs.",
+    )
+    max_rouge_l: float = Field(
+        default=30.0,
+        ge=0,
+        le=100,
+        description="A self-generated pair is kept only when the model's output scores below this ROUGE-L against "
+        "the reference (a good output is no rejected answer).",
+    )
+    beta: float = Field(default=0.1, gt=0, description="DPO's beta: higher keeps the model closer to the reference.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the pairs.")
+    max_steps: int = Field(default=-1, description="Overrides epochs when > 0.")
+    learning_rate: float = Field(default=1e-4, gt=0, description="Peak learning rate of the cosine schedule.")
+    batch_size: int = Field(default=8, gt=0, description="Pairs per step.")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of the steps the learning rate warms up over.")
+    logging_steps: int = Field(default=1, gt=0, description="Log loss and rewards every N steps (`plots/align/rewards.csv`).")
+    save_steps: int = Field(
+        default=4, gt=0, description="Checkpoint every N steps; a rerun with the same inputs resumes from the newest one."
+    )
+    keep_checkpoints: int = Field(default=2, gt=0, description="Newest checkpoints kept.")
+    held_out_share: float = Field(
+        default=0.125,
+        ge=0,
+        lt=1,
+        description="Share of the pairs held out of training: the reward accuracy on them is `held_out_reward_accuracy`.",
+    )
+    gate_rows: int = Field(
+        default=0, ge=0, description="The first N val rows the gate generates for with both models; 0 = every val row."
+    )
+    max_drop: float = Field(
+        default=0.5,
+        ge=0,
+        description="The aligned model is kept only when the 95% lower bound of the paired-bootstrap difference in val "
+        "ROUGE-L (aligned minus fine-tuned) is above -max_drop points.",
+    )
+    seed: int = Field(default=42, description="Seeds the pair order, the held-out pairs, dropout and the LoRA initialisation.")
+
+    @model_validator(mode="after")
+    def _rows_to_generate(self) -> AlignConfig:
+        if self.enabled and self.self_pairs and self.max_pairs and not self.generate_rows:
+            raise ValueError("align.self_pairs needs align.generate_rows > 0 (or self_pairs: false)")
         return self
 
 
@@ -613,7 +724,7 @@ class EvaluateConfig(Section):
     tune_decoding: bool = Field(
         default=True,
         description="Choose `no_repeat_ngram_size` and `repetition_penalty` on the val rows (never test) from a small "
-        "grid ({0, 3} x {1.0, 1.2}), by mean ROUGE-L; the choice is written to artifacts/evaluate/decoding.json and "
+        "grid ({0, 3, 2} x {1.0, 1.2}), by mean ROUGE-L; the choice is written to artifacts/evaluate/decoding.json and "
         "metrics/evaluate.json, and quantize, register (the model's sftflow.json) and the app use it. Off: the two "
         "params are used as they are.",
     )
@@ -659,10 +770,12 @@ class QuantizeConfig(Section):
     stage_help: ClassVar[str] = 'quantize the fine-tuned model; measure size, latency and ROUGE-L against full precision'
     stage_reads: ClassVar[tuple[str, ...]] = ("quantize", "model.trust_remote_code", "data.language", *GENERATION_KEYS)
 
-    methods: list[Literal["int8", "bnb-int8", "bnb-nf4"]] = Field(
+    methods: list[Literal["int8", "bnb-int8", "bnb-nf4", "bf16"]] = Field(
         default_factory=lambda: ["int8"],
         description="Variants to build: `int8` (CPU, PyTorch dynamic int8), `bnb-int8` / `bnb-nf4` (bitsandbytes, "
-        "need CUDA); `register` registers each beside the full model.",
+        "need CUDA), `bf16` (the model in bfloat16, scored in bf16 on the GPU when there is one, else the CPU); "
+        "`register` registers each beside the full model. Each is scored in the dtype and on the device class it "
+        "serves in, and the app serves a variant only where it was scored.",
     )
     max_drop: float = Field(
         default=1.0,
@@ -671,6 +784,20 @@ class QuantizeConfig(Section):
         "whose variant loses more.",
     )
     rows: int = Field(default=0, ge=0, description="Measure on the first N test rows; 0 = all.")
+    latency_repeats: int = Field(
+        default=3,
+        ge=3,
+        description="Repeats of the speed check: the full model and each variant generate the same "
+        "`quantize.latency_rows` rows in the same batches, taking turns, once per repeat. A CPU variant is served "
+        "only when its largest latency ratio (variant ÷ full) over the repeats is below 1.0; otherwise the app "
+        "serves full precision and the reason is in metrics/quantize.json and the version's tags.",
+    )
+    latency_rows: int = Field(
+        default=16,
+        ge=0,
+        description="Rows the speed check times (the first N measured test rows); 0 = all. Its cost is "
+        "2 x `quantize.latency_repeats` generations of these rows per variant.",
+    )
 
     @field_validator("methods")
     @classmethod
@@ -702,11 +829,13 @@ class PromoteConfig(Section):
 
     The newest version becomes champion when its mean ROUGE-L beats the champion's by `min_delta`,
     the 95% lower bound of the paired bootstrap of the gain is above 0, and each of its quantized
-    variants passes `quantize.max_drop`.
+    variants passes `quantize.max_drop`. Each version is scored as the app serves it on this machine's
+    device class (`serve.variant_cpu` / `serve.variant_gpu`).
     """
 
     stage_help: ClassVar[str] = 'promote the newest challenger if it passes the gate, or force --version'
-    stage_reads: ClassVar[tuple[str, ...]] = ("promote", "register.model_name", "register.experiment", "quantize.max_drop", "evaluate.rows", "data.language")
+    stage_reads: ClassVar[tuple[str, ...]] = ("promote", "register.model_name", "register.experiment", "quantize.max_drop", "evaluate.rows",
+                                              "data.language", "serve.variant_cpu", "serve.variant_gpu")
     stage_dvc: ClassVar[bool] = False
 
     min_delta: float = Field(default=0.0, ge=0, description="ROUGE-L points the challenger must gain.")
@@ -720,7 +849,7 @@ class ServeConfig(Section):
     """The Gradio app serving `models:/<register.model_name>@champion`."""
 
     stage_help: ClassVar[str] = 'serve the champion in a Gradio app'
-    stage_reads: ClassVar[tuple[str, ...]] = ("serve", "register.model_name", "register.experiment")
+    stage_reads: ClassVar[tuple[str, ...]] = ("serve", "register.model_name", "register.experiment", "align.feedback_dir")
     stage_dvc: ClassVar[bool] = False
 
     host: str = Field(
@@ -734,14 +863,21 @@ class ServeConfig(Section):
     )
     max_chars: int = Field(default=2000, gt=0, description="Longest input text the app accepts, in characters.")
     concurrency_limit: int = Field(default=2, gt=0, description="Requests generating at once; the others queue.")
-    variant_cpu: Literal["full", "int8"] = Field(
+    feedback_per_minute: int = Field(
+        default=10,
+        ge=0,
+        description="Most ratings/corrections one user (the app's login, else the client address) may send in any "
+        "60 s, across every app process sharing `align.feedback_dir`; 0 = no limit.",
+    )
+    variant_cpu: Literal["full", "int8", "bf16"] = Field(
         default="int8",
-        description="Variant served without a GPU; when the version has no such variant, full precision is served.",
+        description="Variant served without a GPU (`bf16`: a bf16 variant quantize scored on the CPU); when the "
+        "version has no such variant scored on the CPU, full precision is served and the app says so.",
     )
     variant_gpu: Literal["full", "bf16", "bnb-nf4", "bnb-int8"] = Field(
         default="bf16",
-        description="Variant served on a GPU: `bf16` is the full model cast on load; a missing bnb variant falls "
-        "back to full precision.",
+        description="Variant served on a GPU: a registered variant scored on a GPU (`bf16` needs `bf16` in "
+        "quantize.methods, run where there is a GPU); without one, full precision is served and the app says so.",
     )
     review_url: str = Field(
         default="",
@@ -822,6 +958,10 @@ with warnings.catch_warnings():
         train: TrainConfig = Field(
             default_factory=TrainConfig,
             description="Supervised fine-tuning (full or LoRA) through the HF Trainer and DeepSpeed.",
+        )
+        align: AlignConfig = Field(
+            default_factory=AlignConfig,
+            description="DPO on preference pairs (feedback, a file, self-generated), kept only if not worse on val.",
         )
         evaluate: EvaluateConfig = Field(
             default_factory=EvaluateConfig,

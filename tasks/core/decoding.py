@@ -35,6 +35,8 @@ DECODING_GRID: tuple[dict[str, Any], ...] = (
     {"no_repeat_ngram_size": 3, "repetition_penalty": 1.0},
     {"no_repeat_ngram_size": 0, "repetition_penalty": 1.2},
     {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
+    {"no_repeat_ngram_size": 2, "repetition_penalty": 1.0},
+    {"no_repeat_ngram_size": 2, "repetition_penalty": 1.2},
 )
 
 

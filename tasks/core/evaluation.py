@@ -24,7 +24,7 @@ from typing import Any
 from tasks.core.errors import StageError
 from tasks.core.generation import GenerationSettings, generate
 from tasks.core.io import dir_sha256, read_json, sha256_bytes, write_json
-from tasks.core.modeling import load_model_and_tokenizer, place_on_device
+from tasks.core.modeling import load_for_inference
 from tasks.core.scoring import score
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,9 @@ class Evaluator:
         if key is not None and (cached := self._cache_read(key, rows)) is not None:
             return cached
         if is_dir:
-            model, tokenizer = load_model_and_tokenizer(model, trust_remote_code=self.trust_remote_code)
-            model = place_on_device(model)
+            # float32 on the GPU when there is one (spread over GPUs when one is too small; refused with the
+            # figures before loading when the memory cannot hold it): the placement the cache key names.
+            model, tokenizer = load_for_inference(model, "float32", trust_remote_code=self.trust_remote_code)
         elif tokenizer is None:
             raise StageError("predict got a loaded model without its tokenizer")
         predictions = generate(model, tokenizer, [r["text"] for r in rows], self.generation, progress=progress)

@@ -53,6 +53,15 @@ def ensure_distributed_env() -> None:
     )
 
 
+def init_deepspeed_comm() -> None:
+    """Start DeepSpeed's communication layer on the process group torch already has (gloo on CPU, nccl on
+    GPU): `deepspeed.zero.Init`, which builds a ZeRO-3 model partitioned, counts the ranks through it."""
+    import deepspeed
+    import torch
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
 def threads_per_rank(configured: int, ranks: int) -> int:
     """Torch threads for each rank: `configured`, else this process's cores / ranks.
 
@@ -109,3 +118,13 @@ def relaunch(stage: str, params: StageParams, num_processes: int, threads_per_ra
             f"`{stage}` failed in one of its {num_processes} ranks (exit code {result.returncode}); "
             "its error is printed above"
         )
+
+
+def release_deepspeed_config() -> None:
+    """Forget the DeepSpeed config transformers holds, so `from_pretrained` no longer partitions models for
+    ZeRO-3 (rank 0 alone loads plain, whole models after training: the merge, the measurements, a gate)."""
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    except ImportError:  # pragma: no cover - transformers without the DeepSpeed integration
+        return
+    unset_hf_deepspeed_config()

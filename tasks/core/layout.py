@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.stages import FINAL_MODEL_STAGE, STAGE_NAMES
+from tasks.core.stages import FINAL_MODEL_STAGE, FINE_TUNED_MODEL_STAGE, STAGE_NAMES
 
 SPLITS = ("train", "val", "test")
 MODEL_DIR = "model"
@@ -66,9 +66,19 @@ class Layout:
         return self.model_dir("pretrain")
 
     @property
+    def fine_tuned_model(self) -> Path:
+        """The supervised fine-tuned model (train's output), which align starts from."""
+        return self.model_dir(FINE_TUNED_MODEL_STAGE)
+
+    @property
     def final_model(self) -> Path:
-        """The model that is evaluated, quantized, registered and served."""
+        """The model that is evaluated, quantized, registered and served (align's: aligned, or the fine-tuned one passed through)."""
         return self.model_dir(FINAL_MODEL_STAGE)
+
+    @property
+    def final_model_stage(self) -> str:
+        """The stage that writes `final_model` (what to run when it is missing)."""
+        return FINAL_MODEL_STAGE
 
     @property
     def select_choice(self) -> Path:

@@ -54,7 +54,8 @@ class LoadedModel:
     Attributes:
         name: registered model name.
         version: version number.
-        model: the causal LM (eval mode, on the CPU; a bitsandbytes variant where it was placed).
+        model: the causal LM (eval mode; the full model in float32 on the CPU, or on the GPU when asked; a
+            variant in the dtype and on the device class quantize scored it in: `tasks.core.variants.load_quantized`).
         tokenizer: its tokenizer (pad token set, left padding).
         settings: the version's `sftflow.json` (generation settings, language, quantization).
         files: the verified manifest, path -> sha256.
@@ -209,12 +210,16 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     return match["name"], match["version"], match["alias"]
 
 
-def load_registered(uri: str, *, client: Any = None) -> LoadedModel:
+def load_registered(uri: str, *, client: Any = None, device: str | None = None) -> LoadedModel:
     """Download a registered version, verify every file against its registration hashes and load it.
 
     Args:
         uri: `models:/<name>/<version>` or `models:/<name>@<alias>`.
         client: an `MlflowClient`; default: one on the current tracking URI.
+        device: where a full-precision version generates: `cuda` loads it in float32 on the GPU as the
+            evaluate stage scores it (placed by `tasks.core.modeling.inference_placement`, refused with the
+            figures before loading when it does not fit); default and `cpu`: the CPU. A quantized variant
+            always loads in the dtype and on the device class its marker records (where quantize scored it).
 
     Returns:
         The loaded model, tokenizer and settings.
@@ -256,7 +261,7 @@ def load_registered(uri: str, *, client: Any = None) -> LoadedModel:
                 f"{f' (and {len(problems) - 10} more)' if len(problems) > 10 else ''}. Someone or something changed "
                 "the stored model after registration: do not serve it; register the model again from its source"
             )
-        model, tokenizer, settings = _load_verified(root, what)
+        model, tokenizer, settings = _load_verified(root, what, device)
     log.info("loaded %s (%d files verified, quantization: %s)", what, len(expected), settings.get("quantization"))
     return LoadedModel(name=name, version=str(mv.version), model=model, tokenizer=tokenizer, settings=settings,
                        files=expected)
@@ -280,10 +285,10 @@ def _registry_meta_problems(root: Path, expected: dict[str, str], name: str, ver
     return []
 
 
-def _load_verified(root: Path, what: str) -> tuple[Any, Any, dict[str, Any]]:
+def _load_verified(root: Path, what: str, device: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """Read the settings and load the Hugging Face folder of a verified download, with no remote code."""
     from tasks.core import pyfunc_model  # deferred: its import registers the pyfunc (mlflow.models.set_model)
-    from tasks.core.modeling import load_model_and_tokenizer
+    from tasks.core.modeling import load_for_inference, load_model_and_tokenizer
     from tasks.core.variants import MARKER_FILE, load_quantized
 
     paths = _artifact_paths(root / MLMODEL_FILE, what)
@@ -309,7 +314,9 @@ def _load_verified(root: Path, what: str) -> tuple[Any, Any, dict[str, Any]]:
                              "remote code never runs here")
     if (model_dir / MARKER_FILE).exists():
         model, tokenizer = load_quantized(model_dir)
-    else:
+    elif device in (None, "cpu"):
         model, tokenizer = load_model_and_tokenizer(model_dir, trust_remote_code=False)
+    else:  # float32 on the GPU, as evaluate scored it: placed, and checked to fit, before any weight is read
+        model, tokenizer = load_for_inference(model_dir, "float32", device)
     model.eval()
     return model, tokenizer, settings

@@ -199,6 +199,110 @@ def place_on_device(model: Any) -> Any:
     return model.to("cuda") if torch.cuda.is_available() and model.device.type == "cpu" else model
 
 
+# ----------------------------------------------------------------------------- placement for inference
+
+# What generation needs beyond the weights (activations, KV cache of a batch), as a share of them.
+INFERENCE_HEADROOM = 1.2
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def weights_numel(model_dir: str | Path) -> int | None:
+    """Parameters stored in a model folder's safetensors files (read from their headers), None without any."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def _available_ram() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def inference_placement(model_dir: str | Path, dtype: str = "float32", device: str | None = None) -> dict[str, Any]:
+    """Where a model folder is loaded to generate: `from_pretrained` keywords (`device_map`), decided before
+    any weight is read.
+
+    On a GPU: the one GPU with the most free memory when the weights (in `dtype`, plus
+    `INFERENCE_HEADROOM`) fit it, `device_map="auto"` (accelerate spreads the layers over the GPUs, then
+    the CPU) when they fit the GPUs together; on the CPU: the CPU.
+
+    Raises:
+        StageError: the model does not fit the device's free memory, with the figures, instead of
+            running out of memory half-way through loading.
+    """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    numel = weights_numel(model_dir)
+    if numel is None:
+        return {}
+    need = int(numel * _DTYPE_BYTES.get(dtype, 4) * INFERENCE_HEADROOM)
+    if device == "cuda":
+        free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+        best = max(range(len(free)), key=lambda i: free[i])
+        if need <= free[best]:
+            return {"device_map": {"": best}}
+        if need <= sum(free):
+            log.info("%s needs %s in %s: more than one GPU has free, spread with device_map=auto", model_dir, _size(need), dtype)
+            return {"device_map": "auto"}
+        where = ", ".join(f"cuda:{i} {_size(f)}" for i, f in enumerate(free))
+        raise StageError(
+            f"{model_dir} does not fit: {_count(numel)} parameters in {dtype} need {_size(need)} with "
+            f"generation headroom, the GPUs have {_size(sum(free))} free ({where}). Quantize it "
+            "(quantize.methods bnb-nf4), free the GPUs or use more of them"
+        )
+    ram = _available_ram()
+    if ram is not None and need > ram:
+        raise StageError(
+            f"{model_dir} does not fit: {_count(numel)} parameters in {dtype} need {_size(need)} with "
+            f"generation headroom, this machine has {_size(ram)} of memory available. Run it on a GPU "
+            "machine or quantize it (quantize.methods int8)"
+        )
+    return {}
+
+
+def load_for_inference(
+    name_or_path: str | Path, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """A model and tokenizer to generate with, in `dtype` on `device` (default: the GPU when there is one),
+    placed by `inference_placement` (checked to fit before loading), in eval mode."""
+    import torch
+
+    placement = inference_placement(name_or_path, dtype, device) if Path(str(name_or_path)).is_dir() else {}
+    model, tokenizer = load_model_and_tokenizer(
+        name_or_path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), device_map=placement.get("device_map")
+    )
+    if not placement and (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+        model = model.to("cuda")
+    model.eval()
+    return model, tokenizer
+
+
 def save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """Save as safetensors + tokenizer, the layout every stage and the registry read."""
     out_dir = Path(out_dir)
@@ -208,10 +312,168 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts (of the whole model, also when ZeRO-3 holds only a partition here)."""
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 partitioned models
+#
+# A model loaded while a ZeRO-3 DeepSpeed config is active (`TrainingArguments(deepspeed=...)` alive,
+# transformers' `HfDeepSpeedConfig`) is built inside `deepspeed.zero.Init`: from_pretrained and
+# from_config alike, each rank holds only its slice of every parameter (`p.ds_tensor`) and `p.data` is
+# empty until gathered. What reads whole weights outside the DeepSpeed engine gathers them here, one
+# module at a time, so no rank ever holds a second full copy (rank 0 builds the one copy it writes).
+
+
+def _numel(p: Any) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def is_partitioned(model: Any) -> bool:
+    """True for a model whose parameters ZeRO-3 partitioned over the ranks."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def partition_share(model: Any) -> dict[str, int]:
+    """Parameters this rank holds (`local_params`: its ZeRO-3 partitions, padding included) and the model's (`total_params`)."""
+    params = list(model.parameters())
+    local = sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return {"local_params": local, "total_params": sum(_numel(p) for p in params)}
+
+
+def gathered(params: Iterable[Any]) -> Any:
+    """Context in which these ZeRO-3 parameters are whole on every rank (read-only); a no-op for ordinary ones.
+    Under ZeRO-3 every rank must enter it, in the same order."""
+    import contextlib
+
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+class gathered_forward:  # noqa: N801 - a context manager, named for what happens inside it
+    """Forward passes of a ZeRO-3 partitioned model outside a DeepSpeed engine (before training): each
+    module's own parameters are gathered just before it runs and partitioned again right after, so a rank
+    holds one layer whole at a time. A no-op for an ordinary model; every rank runs the same passes."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.handles: list[Any] = []
+        self.open: dict[int, list[Any]] = {}
+
+    def __enter__(self) -> Any:
+        if not is_partitioned(self.model):
+            return self.model
+        for module in self.model.modules():
+            if any(hasattr(p, "ds_id") for p in module.parameters(recurse=False)):
+                self.handles.append(module.register_forward_pre_hook(self._pre))
+                self.handles.append(module.register_forward_hook(self._post))
+        return self.model
+
+    def _pre(self, module: Any, args: Any) -> None:
+        ctx = gathered(module.parameters(recurse=False))
+        ctx.__enter__()
+        self.open.setdefault(id(module), []).append(ctx)
+
+    def _post(self, module: Any, args: Any, output: Any) -> None:
+        stack = self.open.get(id(module))
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for stack in self.open.values():
+            while stack:
+                stack.pop().__exit__(None, None, None)
+        self.handles, self.open = [], {}
+
+
+def gathered_state_dict(model: Any, *, merge_lora: bool = True, trainable_only: bool = False) -> dict[str, Any]:
+    """The model's weights as one CPU state dict on rank 0 (empty elsewhere), gathered module by module.
+
+    Args:
+        model: a causal LM or a PEFT LoRA model, ZeRO-3 partitioned or not. Under ZeRO-3 every rank calls this.
+        merge_lora: for a LoRA model, the keys and weights of the merged plain model (`W + scale * B @ A`,
+            what PEFT's `merge_and_unload` computes), so the base is never loaded again to merge.
+        trainable_only: only the trainable parameters, under the model's own names (a LoRA adapter).
+
+    Returns:
+        name -> tensor (a weight shared by two modules, tied embeddings, appears once, under its first name).
+    """
+    import os
+
+    rank_zero = os.environ.get("RANK", "0") == "0"
+    out: dict[str, Any] = {}
+    if trainable_only:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                with gathered([p]):
+                    if rank_zero:
+                        out[name] = p.detach().to("cpu", copy=True).contiguous()
+        return out
+    lora_types: tuple[type, ...] = ()
+    if merge_lora and hasattr(model, "get_base_model"):
+        from peft.tuners.lora import LoraLayer
+
+        lora_types = (LoraLayer,)
+        model = model.get_base_model()
+    seen: set[int] = set()
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        prefix = f"{name}." if name else ""
+        if lora_types and isinstance(module, lora_types):
+            skip.append(name)
+            base = module.get_base_layer()
+            with gathered(module.parameters()):
+                if rank_zero:
+                    weight = base.weight.detach().clone()
+                    for adapter in module.active_adapters:
+                        if adapter in module.lora_A:
+                            weight += module.get_delta_weight(adapter).to(weight.dtype)
+                    out[f"{prefix}weight"] = weight.to("cpu").contiguous()
+                    if getattr(base, "bias", None) is not None:
+                        out[f"{prefix}bias"] = base.bias.detach().to("cpu", copy=True).contiguous()
+            seen.update(id(p) for p in module.parameters())
+            continue
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        if own:
+            with gathered([p for _, p in own]):
+                if rank_zero:
+                    for n, p in own:
+                        out[prefix + n] = p.detach().to("cpu", copy=True).contiguous()
+        if rank_zero:
+            for n, b in module.named_buffers(recurse=False):
+                if b is not None and n not in module._non_persistent_buffers_set:
+                    out[prefix + n] = b.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def save_state_dict(state_dict: dict[str, Any], model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """Write a plain Hugging Face model folder from a state dict (`gathered_state_dict`) and the model's
+    config: safetensors + config (dtype of the weights) + generation config + tokenizer."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    floats = [t.dtype for t in state_dict.values() if t.is_floating_point()]
+    if floats:
+        config.dtype = floats[0]
+    save_file(state_dict, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 # PEFT's shorthand for every Linear and Conv1D layer but the output head.
@@ -300,20 +562,30 @@ def _layer_kinds(model: Any) -> dict[str, str]:
     return dict(sorted(kinds.items()))
 
 
-def with_lora(model: Any, lora: Any, key: str = "train.lora.target_modules") -> Any:
-    """The model wrapped with a PEFT LoRA adapter of params `train.lora` (targets checked first).
+def lora_config(model: Any, lora: Any, key: str = "train.lora.target_modules") -> Any:
+    """The PEFT `LoraConfig` of params `train.lora` for `model` (a causal LM), its targets checked first.
 
     Raises:
         ParamsError: a target the model lacks (`resolve_lora_targets`).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     resolve_lora_targets(model, lora.target_modules, key)
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=_lora_targets(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+
+
+def with_lora(model: Any, lora: Any, key: str = "train.lora.target_modules") -> Any:
+    """The model wrapped with a PEFT LoRA adapter of params `train.lora` (`lora_config`).
+
+    Raises:
+        ParamsError: a target the model lacks (`resolve_lora_targets`).
+    """
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, lora, key))

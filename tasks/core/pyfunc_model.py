@@ -3,8 +3,10 @@
 `tasks.register` logs this file as the model's code (`python_model=<this file>`); MLflow runs it
 at load time and takes the model set by `mlflow.models.set_model` below. The model's artifacts are
 the Hugging Face folder (`hf_model`: safetensors + tokenizer; a quantized variant's folder carries
-the quantize stage's marker and loads through `tasks.core.variants.load_quantized`) and `sftflow.json`
-(generation settings), so a loaded model generates exactly like the `evaluate` stage:
+the quantize stage's marker and loads through `tasks.core.variants.load_quantized`, in the dtype and on
+the device class quantize scored it in: a `bf16` variant generates in bf16 where it was scored) and
+`sftflow.json` (generation settings), so a loaded model generates exactly like the stage that scored it
+(`evaluate` for the full model, `quantize` for a variant):
 
     loaded = mlflow.pyfunc.load_model("models:/sftflow-summarizer@champion")
     loaded.predict(pd.DataFrame({"text": ["..."]}))          # -> one summary per row

@@ -2,7 +2,9 @@
 per-row score store. Every stage and the flow ask here; only `promote` moves `champion`.
 
 - The full model is registered as `register.model_name`; a quantized variant as
-  `<model_name>-<method>`, and the main version points at it with the tag `sftflow.variant.<method>`.
+  `<model_name>-<method>`, and the main version points at it with the tag `sftflow.variant.<method>`,
+  and says with `sftflow.variant_served.<method>` (`true`/`false`) and `sftflow.variant_reason.<method>`
+  whether quantize found it worth serving (quality and, on the CPU, speed) and why.
 - Every version carries `sftflow.content_sha256` (what it holds), so a retried register reuses it.
 - The per-row ROUGE-L of a version on a test split is an artifact of its run,
   `row_scores/<test split sha256>.json`, so promotion compares versions row by row without generating.
@@ -25,6 +27,11 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 VARIANT_TAG = "sftflow.variant."
 VARIANT_OF_TAG = "sftflow.variant_of"
+# quantize's decision on each variant, on the main version: served or not (`true`/`false`), and why.
+VARIANT_SERVED_TAG = "sftflow.variant_served."
+VARIANT_REASON_TAG = "sftflow.variant_reason."
+# Every tag of a main version that is about its variants (not what the version itself holds).
+VARIANT_TAG_PREFIXES = (VARIANT_TAG, VARIANT_SERVED_TAG, VARIANT_REASON_TAG)
 CONTENT_TAG = "sftflow.content_sha256"
 # Tags of the flow's MLflow run (not of a version): which weights it produced and what came of it.
 RUN_MODEL_TAG = "sftflow.model_sha256"
@@ -51,6 +58,88 @@ def variant_uri_tag(method: str) -> str:
 def variant_uris(tags: dict[str, str]) -> dict[str, str]:
     """{method: models:/ URI} of the variants a main version's tags point at."""
     return {k[len(VARIANT_TAG):]: v for k, v in (tags or {}).items() if k.startswith(VARIANT_TAG)}
+
+
+def variant_decision_tags(quantize_metrics: dict[str, Any], methods: Any) -> dict[str, str]:
+    """The tags of a main version that record quantize's serving decision on each of its variants.
+
+    Args:
+        quantize_metrics: metrics/quantize.json (`<method>.served`, `<method>.reason`).
+        methods: the variants registered with the version.
+
+    Returns:
+        {`sftflow.variant_served.<method>`: `true`/`false`, `sftflow.variant_reason.<method>`: why}; a
+        variant measured before the speed check existed (no `<method>.served`) gets none (and is served).
+    """
+    tags: dict[str, str] = {}
+    for method in methods:
+        served = quantize_metrics.get(f"{method}.served")
+        if served is None:
+            continue
+        tags[f"{VARIANT_SERVED_TAG}{method}"] = "true" if served else "false"
+        tags[f"{VARIANT_REASON_TAG}{method}"] = str(quantize_metrics.get(f"{method}.reason") or "")
+    return tags
+
+
+def resolve_variant(params: Any, model_version: Any, device: str) -> tuple[str, str, str | None]:
+    """Which variant of a version the app serves on `device` (`cpu` or `cuda`), its model URI, and a note
+    when it is not the one `serve:` asks for. The app serves this, and `promote` scores this.
+
+    Evaluated = served: `full` is the version itself (float32, as evaluate scored it); any other variant
+    (`int8`, `bf16`, `bnb-*`) is served only when it is registered (its own registered model, which the
+    version's tag `sftflow.variant.<method>` points at) and quantize scored it on this device class:
+    int8 on the CPU, bitsandbytes on a GPU, bf16 where its run's metric `quantize.bf16.on_cuda` says,
+    and quantize did not decide against serving it (`sftflow.variant_served.<method>` is not `false`:
+    a CPU variant slower than full precision, or one whose ROUGE-L failed the gate).
+    Otherwise full precision is served and the note says why.
+
+    Args:
+        params: the params (`serve.variant_cpu`, `serve.variant_gpu`, `register.model_name`).
+        model_version: the `ModelVersion` of `register.model_name`.
+        device: the device class the app runs on.
+
+    Returns:
+        (variant served, `models:/` URI to load, note or None).
+    """
+    version = str(model_version.version)
+    key = f"serve.variant_{'gpu' if device == 'cuda' else 'cpu'}"
+    wanted = params.serve.variant_gpu if device == "cuda" else params.serve.variant_cpu
+    own_uri = f"models:/{params.register.model_name}/{version}"
+    if wanted == "full":
+        return wanted, own_uri, None
+    tag = variant_uri_tag(wanted)
+    uri = (model_version.tags or {}).get(tag)
+    if not uri:
+        note = (
+            f"variant {wanted} was asked for ({key}) but version {version} has no tag {tag}: serving full "
+            f"precision. Add {wanted} to quantize.methods and run quantize and register to add the variant."
+        )
+        return "full", own_uri, note
+    from tasks.core.variants import CPU_METHODS, GPU_METHODS
+
+    scored_on = "cpu" if wanted in CPU_METHODS else "cuda" if wanted in GPU_METHODS else None
+    if scored_on is None:  # bf16: where quantize ran
+        try:
+            on_cuda = client().get_run(model_version.run_id).data.metrics.get(f"quantize.{wanted}.on_cuda")
+        except Exception:  # noqa: BLE001 - no run to read: the device class is unknown
+            on_cuda = None
+        scored_on = None if on_cuda is None else "cuda" if on_cuda else "cpu"
+    if scored_on != device:
+        where = "an unknown device" if scored_on is None else f"the {scored_on.upper()}"
+        note = (
+            f"variant {wanted} was asked for ({key}) but version {version}'s was scored on {where}, not this "
+            f"{device.upper()}: serving full precision (the app serves a variant only as it was evaluated). Run "
+            f"quantize and register where the app runs."
+        )
+        return "full", own_uri, note
+    if (model_version.tags or {}).get(f"{VARIANT_SERVED_TAG}{wanted}") == "false":
+        reason = (model_version.tags or {}).get(f"{VARIANT_REASON_TAG}{wanted}") or "no reason recorded"
+        note = (
+            f"variant {wanted} was asked for ({key}) and is registered, but quantize decided not to serve it: "
+            f"{reason}. Serving full precision."
+        )
+        return "full", own_uri, note
+    return wanted, uri, None
 
 
 def client() -> Any:
@@ -265,6 +354,7 @@ def lineage_of(
         ("validation", f"success={t.get('validate.success', '?')}"),
         ("splits", "  ".join(f"{s} {t.get(f'split.{s}_sha256', '?')[:12]}" for s in SPLITS)),
         ("params", f"sha256 {t.get('params.sha256', '?')}  base model {t.get('model.base', '?')}"),
+        ("alignment", _alignment(t)),
         ("code", f"commit {t.get('code.commit', '?')}{dirty}"),
         ("flow run", t.get("prefect.flow_run_id", "?")),
         ("metrics", "  ".join(f"{k} {v}" for k, v in metrics.items()) or "(none)"),
@@ -275,6 +365,18 @@ def lineage_of(
     if variants:
         steps.append(("variants", "  ".join(f"{m} {uri}" for m, uri in sorted(variants.items()))))
     return Lineage(name=name, version=str(version), run_id=run_id, steps=tuple(steps))
+
+
+def _alignment(t: dict[str, str]) -> str:
+    """The lineage step of align: which model is final, the feedback snapshot and preference file, the pairs."""
+    if "feedback.sha256" not in t:
+        return "(no align stage)"
+    try:
+        pairs = ", ".join(f"{n} {s}" for s, n in json.loads(t.get("align.pairs", "{}")).items())
+    except ValueError:
+        pairs = t.get("align.pairs", "?")
+    return (f"{t.get('align.final', '?')} model  feedback snapshot sha256 {t['feedback.sha256']}  "
+            f"preference file {t.get('align.data.sha256', '?')}  pairs: {pairs or 'none'}")
 
 
 def version_lineage(mlflow_client: Any, name: str, version: str | int) -> Lineage:

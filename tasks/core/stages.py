@@ -52,8 +52,12 @@ STAGES: tuple[Stage, ...] = _stages()
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 # The stages dvc.yaml holds, in its order; the flow runs each through `dvc repro --single-item`.
 DVC_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.dvc)
-# The stage whose `model/` is the final model: evaluated, quantized, registered and served.
-FINAL_MODEL_STAGE = "train"
+# The stage whose `model/` is the final model: evaluated, quantized, registered and served. `align` always
+# writes one: the aligned model when its gate passes, else the fine-tuned model passed through (also when
+# `align.enabled` is false), so every consumer reads one folder whichever way the gate went.
+FINAL_MODEL_STAGE = "align"
+# The stage whose model align starts from (and passes through).
+FINE_TUNED_MODEL_STAGE = "train"
 
 
 def stage(name: str) -> Stage:

@@ -19,6 +19,46 @@ from typing import Any
 
 # In the checkpoints folder: the setup (device, ranks, threads) of each session that trained steps kept there.
 SESSIONS_FILE = "sessions.json"
+# `train.precision`: what `auto` may resolve to, and what a run trains in.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_precision(precision: str, key: str = "train.precision") -> str:
+    """The one decision of the precision a run trains in: `bf16`, `fp16` or `fp32`.
+
+    `auto`: bf16 on a GPU that supports it, fp16 (with loss scaling) on an older GPU, fp32 on the CPU.
+    An explicit value is checked against the machine. Another precision for the CPU (bf16 autocast)
+    extends this function, not a second key.
+
+    Raises:
+        ParamsError: naming `key`, for a name that is not a precision, fp16 or bf16 without a GPU, or
+            bf16 on a GPU without bf16.
+    """
+    import torch
+
+    from tasks.core.config import ParamsError
+
+    if precision not in PRECISIONS:
+        raise ParamsError(f"{key}: {precision!r} is not a precision; use one of {', '.join(PRECISIONS)}")
+    on_gpu = torch.cuda.is_available()
+    if precision == "auto":
+        if not on_gpu:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision in ("bf16", "fp16") and not on_gpu:
+        raise ParamsError(
+            f"{key}={precision} needs a CUDA GPU (mixed precision{' with loss scaling' if precision == 'fp16' else ''} "
+            "is not run on the CPU here); use auto or fp32 on this machine"
+        )
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ParamsError(f"{key}=bf16 but {torch.cuda.get_device_name(0)} has no bf16; use fp16 (loss scaling) or auto")
+    return precision
+
+
+def precision_arguments(precision: str) -> dict[str, bool]:
+    """The `TrainingArguments` switches of a resolved precision (DeepSpeed's `"auto"` bf16/fp16 blocks follow
+    them; fp16 gets DeepSpeed's dynamic loss scaling, or torch's GradScaler without DeepSpeed)."""
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 def training_arguments(output_dir: Path, cfg: Any, **extra: Any) -> Any:

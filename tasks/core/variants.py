@@ -12,6 +12,12 @@ A variant folder holds the weights (safetensors), config, tokenizer and a marker
   `load_quantized` rebuilds exactly the modules `quantize_int8` built (bit-identical generations). Why
   this scheme and not torchao or quanto: the quantize stage's docstring.
 - `bnb-int8`, `bnb-nf4` (CUDA): bitsandbytes through transformers, saved with `save_pretrained`.
+- `bf16`: the model's weights in bfloat16 (safetensors, half the size), generating in bf16 on the device
+  class the quantize stage ran on (the GPU when it had one, else the CPU).
+
+Evaluated = served: the marker names the dtype and the device class (`cpu` or `cuda`) a variant was
+scored in by the quantize stage, and `load_quantized` loads it in exactly that dtype on that device class
+(`variant_placement`), so the registered figure is what the pyfunc model and the app produce.
 """
 
 from __future__ import annotations
@@ -23,13 +29,41 @@ from typing import Any
 
 from tasks.core.errors import StageError
 from tasks.core.io import write_json
-from tasks.core.modeling import load_model_and_tokenizer, load_tokenizer
+from tasks.core.modeling import load_for_inference, load_model, load_model_and_tokenizer, load_tokenizer, save_model
 
 MARKER_FILE = "sftflow_quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 CPU_METHODS = ("int8",)
 GPU_METHODS = ("bnb-int8", "bnb-nf4")
+# Variants that run on either device class: scored (and served) on the one quantize runs on.
+ANY_DEVICE_METHODS = ("bf16",)
+METHODS = CPU_METHODS + GPU_METHODS + ANY_DEVICE_METHODS
+# The dtype each method's weights hold, and the dtype it computes in.
+METHOD_DTYPES = {"int8": ("int8", "int8"), "bnb-int8": ("int8", "float16"), "bnb-nf4": ("nf4", "bfloat16"),
+                 "bf16": ("bfloat16", "bfloat16")}
 FORMAT_VERSION = 1
+
+
+def variant_device(method: str) -> str:
+    """The device class a method's variant is scored and served on: `cpu` (int8), `cuda` (bitsandbytes), or
+    for bf16 the GPU when this process sees one, else the CPU."""
+    import torch
+
+    if method in CPU_METHODS:
+        return "cpu"
+    if method in GPU_METHODS:
+        return "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def save_bf16(model_dir: Path, out_dir: Path, tokenizer: Any, trust_remote_code: bool = False, source_sha256: str | None = None) -> None:
+    """Write the bf16 variant of a model folder (weights cast to bfloat16) with its marker."""
+    import torch
+
+    model = load_model(model_dir, trust_remote_code=trust_remote_code, dtype=torch.bfloat16)
+    save_model(model, tokenizer, Path(out_dir))
+    write_marker(out_dir, "bf16", library="torch", scheme="bfloat16 weights and compute (the model cast, no calibration)",
+                 source_sha256=source_sha256)
 
 
 def _int8_rows(weight: Any) -> tuple[Any, Any]:
@@ -191,14 +225,20 @@ def write_marker(
     scheme: str,
     layout: dict[str, Any] | None = None,
     source_sha256: str | None = None,
+    device: str | None = None,
 ) -> None:
     """The marker that says how a folder was quantized, from which model (`source_sha256`: the content
-    hash of the full-precision folder) and which loader reads it (`load_quantized`)."""
+    hash of the full-precision folder), which loader reads it (`load_quantized`), and the dtype and device
+    class it was scored in and serves in (`device`, default `variant_device(method)`)."""
+    weights_dtype, compute_dtype = METHOD_DTYPES[method]
     marker = {
         "format_version": FORMAT_VERSION,
         "method": method,
         "library": library,
         "scheme": scheme,
+        "dtype": weights_dtype,
+        "compute_dtype": compute_dtype,
+        "device": device or variant_device(method),
         "loader": "tasks.core.variants.load_quantized",
         "versions": _versions(),
         "source_sha256": source_sha256,
@@ -219,18 +259,26 @@ def read_marker(path: Path) -> dict[str, Any]:
     if not marker_path.exists():
         raise StageError(f"{path} has no {MARKER_FILE}: it is not a quantized model; load it with load_model_and_tokenizer")
     marker = json.loads(marker_path.read_text(encoding="utf-8"))
-    if marker.get("method") not in CPU_METHODS + GPU_METHODS:
+    if marker.get("method") not in METHODS:
         raise StageError(f"{marker_path}: unknown quantization method {marker.get('method')!r}")
     return marker
 
 
+def variant_placement(marker: dict[str, Any]) -> tuple[str, str]:
+    """(compute dtype, device class) a variant was scored in, from its marker (markers written before these
+    were recorded: the method's own)."""
+    return marker.get("compute_dtype") or METHOD_DTYPES[marker["method"]][1], marker.get("device") or variant_device(marker["method"])
+
+
 def load_quantized(path: str | Path, device_map: Any = "auto") -> tuple[Any, Any]:
-    """Load a folder written by the quantize stage, in any process.
+    """Load a folder written by the quantize stage, in any process, in the dtype and on the device class it
+    was scored in (its marker).
 
     Args:
         path: `artifacts/quantize/<method>` (or its copy in the MLflow registry).
         device_map: for the bitsandbytes methods (`auto` spreads a large model over the GPUs); the
-            int8 method always loads on the CPU.
+            int8 method always loads on the CPU; bf16 loads where it was scored (on a GPU placed by
+            `tasks.core.modeling.inference_placement`).
 
     Returns:
         (model, tokenizer) ready for `tasks.core.generation.generate`, in eval mode.
@@ -261,6 +309,11 @@ def load_quantized(path: str | Path, device_map: Any = "auto") -> tuple[Any, Any
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
+    if method == "bf16":
+        _, device = variant_placement(marker)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise StageError(f"{path}: this bf16 variant was scored on a CUDA GPU and serves only there; this machine has none")
+        return load_for_inference(path, "bfloat16", device)
     require_cuda(method)
     model, tokenizer = load_model_and_tokenizer(path, dtype=torch.bfloat16, device_map=device_map)
     model.eval()
