@@ -331,7 +331,7 @@ def run(cfg: StageParams) -> dict[str, Any]:
     layout, methods = cfg.layout, list(cfg.quantize.methods)
     model_dir = layout.final_model
     if not (model_dir / "config.json").exists():
-        raise StageError(f"{model_dir} holds no model: run `sftflow train` first")
+        raise StageError(f"{model_dir} holds no model: run `sftflow {model_dir.parent.name}` first")
     for method in methods:
         if method in GPU_METHODS:
             require_cuda(method)

@@ -439,8 +439,12 @@ def test_chain_app_summarises_as_quantize_measured(chains, tmp_path_factory):
             finally:
                 app.close()
                 server.stop()
-            # serve.variant_cpu is int8: the app serves the quantized variant, as quantize measured it
-            assert served == chain["int8"][:2], family
+            # serve.variant_cpu is int8: the app serves the quantized variant as quantize measured it when its
+            # gate let it serve (quality, and faster than full precision over the repeats), else full precision
+            if chain["quantized"]["int8.served"]:
+                assert served == chain["int8"][:2], family
+            else:
+                assert served == chain["predictions"][:2], family
 
 
 @pytest.mark.system
