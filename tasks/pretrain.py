@@ -237,9 +237,8 @@ def _pretrain(
     cfg = params.pretrain
     block_size = min(cfg.block_size, getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
     objective = pretraining_objective(params, mode)
-    train_blocks, val_blocks = _corpus_blocks(tokenizer, train_rows, val_rows, block_size, corpus)
-    if objective != "lm":
-        train_blocks = _framed_blocks(params, objective, tokenizer, train_rows, corpus, block_size)
+    framed = None if objective == "lm" else _framed_blocks(params, objective, tokenizer, train_rows, corpus, block_size)
+    train_blocks, val_blocks = _corpus_blocks(tokenizer, train_rows, val_rows, block_size, corpus, framed)
     if mode != SCRATCH:
         # Continued pretraining of a real base: its own (small) learning rate, and LoRA when train uses it.
         cfg = cfg.model_copy(update={"learning_rate": cfg.continued_learning_rate})
@@ -302,11 +301,15 @@ def _corpus_blocks(
     val_rows: list[dict[str, Any]],
     block_size: int,
     corpus: list[str] | None = None,
+    framed: list[list[int]] | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
     """The texts and summaries of each split packed into blocks, the unlabelled corpus after the train
-    split's; StageError when training gets none."""
-    documents = [r["text"] for r in train_rows] + [r["summary"] for r in train_rows] + list(corpus or [])
-    train_blocks = pack_blocks(tokenizer, documents, block_size)
+    split's (or, for a framed objective, its `framed` blocks for training); StageError when training gets none."""
+    if framed is not None:
+        train_blocks = framed
+    else:
+        documents = [r["text"] for r in train_rows] + [r["summary"] for r in train_rows] + list(corpus or [])
+        train_blocks = pack_blocks(tokenizer, documents, block_size)
     val_blocks = pack_blocks(tokenizer, [r["text"] for r in val_rows] + [r["summary"] for r in val_rows], block_size)
     if not train_blocks:
         raise StageError(

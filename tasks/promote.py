@@ -54,6 +54,7 @@ from tasks.core.registry import (
     resolve_version,
     row_scores_key,
     save_row_scores,
+    variant_scores_key,
     variant_uris,
 )
 from tasks.core.scoring import SCORING_VERSION, paired_bootstrap, score
@@ -185,7 +186,7 @@ class ServedAs:
     def key(self, base_key: str) -> str:
         """Where its row scores are cached: `register`'s key for full precision, that key plus the variant
         and device class for a variant (scores of another variant or device class are never reused)."""
-        return base_key if self.variant == "full" else f"{base_key}.{self.variant}-{self.device}"
+        return variant_scores_key(base_key, self.variant, self.device)
 
 
 def this_device() -> str:

@@ -36,7 +36,7 @@ import yaml
 from tasks.core.decoding import apply_decoding, decoding_file
 from tasks.core.errors import StageError
 from tasks.core.generation import GenerationSettings
-from tasks.core.scoring import SCORING_VERSION
+from tasks.core.scoring import SCORING_VERSION, score_row
 from tasks.core.io import dir_sha256, file_sha256, read_json, read_jsonl, write_json
 from tasks.core.layout import SPLITS
 from tasks.core.loading import MANIFEST_TAG, encode_manifest, logged_model_manifest
@@ -53,6 +53,7 @@ from tasks.core.registry import (
     model_name_of,
     row_scores_key,
     save_row_scores,
+    variant_scores_key,
     settings_sha256,
     variant_decision_tags,
     variant_uri_tag,
@@ -60,7 +61,7 @@ from tasks.core.registry import (
 )
 from tasks.core.stage_params import StageParams, stage_entry
 from tasks.core.tracking import flatten_metrics, setup_mlflow
-from tasks.core.variants import MARKER_FILE, read_marker
+from tasks.core.variants import MARKER_FILE, read_marker, variant_placement
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,20 @@ def evaluate_metrics(params: StageParams) -> dict[str, float]:
     if missing:
         raise StageError(f"{path} lacks the metrics {missing}: re-run `sftflow evaluate`")
     return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def variant_row_scores(params: StageParams, variant_dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Per-row ROUGE-L by row id of each variant, from the texts quantize generated for it
+    (artifacts/quantize/predictions.jsonl), scored as evaluate scores; a variant without a column is left out."""
+    path = params.layout.stage_dir("quantize") / "predictions.jsonl"
+    if not variant_dirs or not path.exists():
+        return {}
+    rows = read_jsonl(path)
+    return {
+        method: {str(r["id"]): float(score_row(r[method], r["reference"], params.data.language)[ROW_METRIC]) for r in rows}
+        for method in variant_dirs
+        if rows and all(isinstance(r.get(method), str) for r in rows)
+    }
 
 
 def row_scores_from_predictions(params: StageParams) -> dict[str, float]:
@@ -431,6 +446,10 @@ def run(params: StageParams, *, flow_run_id: str | None = None) -> dict[str, Any
         run_id = mlflow.active_run().info.run_id
         mlflow.log_metrics({f"evaluate.{k}": v for k, v in metrics.items()} | quant)
         save_row_scores(run_id, scores_key, row_scores)
+        # Each variant's rows as quantize scored them (same rows, settings, dtype and device class): promote
+        # compares a version as it is served, and reads these instead of generating them again.
+        for method, scores in variant_row_scores(params, variant_dirs).items():
+            save_row_scores(run_id, variant_scores_key(scores_key, method, variant_placement(read_marker(variant_dirs[method]))[1]), scores)
         # Variants first: the main version (what promote looks at) appears only once they exist.
         variants = {}
         for method, folder in variant_dirs.items():

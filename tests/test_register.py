@@ -183,10 +183,22 @@ def test_quantized_variant_registered_loaded_and_gated(store, tiny_overrides, ti
     # re-scored as served: tests/test_promote.py); each variant's drop is gated either way.
     params = _params(tiny_overrides, "reg-variant", "serve.variant_cpu=full", "serve.variant_gpu=full")
     build_upstream(params, tiny_model_dir, ROWS, [30.0] * len(ROWS))
+    from tasks.core.io import write_jsonl
+
     folder = _int8_variant(params, tiny_model_dir, drop=0.2)
+    # quantize's texts for the variant: every row's reference but the first
+    write_jsonl(params.layout.stage_dir("quantize") / "predictions.jsonl",
+                [{"id": r["id"], "reference": r["summary"], "int8": "" if n == 0 else r["summary"]} for n, r in enumerate(ROWS)])
     first = register.run(params)
     assert first["variants"] == {"int8": "models:/reg-variant-int8/1"}
     tags = mlflow.MlflowClient().get_model_version("reg-variant", str(first["version"])).tags
+    # stored as promote reads a version served as int8 on the CPU, so it is not generated again there
+    from tasks.core.registry import SETTINGS_SHA_TAG, load_row_scores, row_scores_key
+    from tasks.core.scoring import SCORING_VERSION
+
+    key = row_scores_key(tags["split.test_sha256"], tags[SETTINGS_SHA_TAG], SCORING_VERSION) + ".int8-cpu"
+    stored = load_row_scores(first["run_id"], key)
+    assert stored == pytest.approx({str(r["id"]): (0.0 if n == 0 else 100.0) for n, r in enumerate(ROWS)})
     assert tags["sftflow.variant.int8"] == "models:/reg-variant-int8/1"
     run_metrics = mlflow.MlflowClient().get_run(first["run_id"]).data.metrics
     assert run_metrics["quantize.int8.rouge-l_drop"] == pytest.approx(0.2)

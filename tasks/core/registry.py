@@ -260,6 +260,12 @@ def row_scores_key(test_sha256: str, settings_sha: str | None, scoring_version: 
     return f"{test_sha256}.{(settings_sha or 'unknown')[:16]}.s{scoring_version}"
 
 
+def variant_scores_key(base_key: str, variant: str, device: str) -> str:
+    """Where a variant's per-row scores are stored beside the full model's (`row_scores_key`): scores of
+    another variant or device class are never reused."""
+    return base_key if variant == "full" else f"{base_key}.{variant}-{device}"
+
+
 def save_row_scores(run_id: str, key: str, scores: dict[str, float]) -> None:
     """Store per-row ROUGE-L of a run's model under `row_scores_key`, as a run artifact."""
     with tempfile.TemporaryDirectory() as tmp:
