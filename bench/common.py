@@ -27,3 +27,18 @@ def random_scratch_model(params: Any, corpus: list[dict], std: float) -> tuple[A
             if p.dim() == 2:
                 p.normal_(0, std, generator=g)
     return model, tokenizer
+
+
+def with_model_shape(params: Any, **shape: Any) -> Any:
+    """`params` with some `model:` keys replaced (e.g. `hidden_size=256`), validated as a params file would be.
+
+    For a benchmark arm on a scratch decoder of another size than the shipped one.
+    """
+    from tasks.core.config import Params
+
+    data = params.model_dump()
+    unknown = sorted(set(shape) - set(data["model"]))
+    if unknown:
+        raise ValueError(f"not model: keys: {unknown}")
+    data["model"].update(shape)
+    return Params.model_validate(data)

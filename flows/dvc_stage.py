@@ -1,8 +1,11 @@
-"""The flow's DVC side: one Prefect task per dvc.yaml stage (`dvc repro --single-item <stage>`), its
-output streamed into the run log, and the `-S` overrides written into the params.yaml DVC reads."""
+"""The flow's DVC side: one Prefect task per dvc.yaml stage (`dvc repro --single-item <stage>`, DVC in this
+process, the stage's command in the warm interpreter of flows/warm_stages.py), its output streamed into
+the run log, and the `-S` overrides written into the params.yaml DVC reads."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
@@ -10,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.lock import _chdir
+from flows.warm_stages import stage_env, stage_output, stage_runner
 from tasks.core.config import Params, ParamsError, apply_overrides, load_params, params_from_dict, parse_override, read_params_file
 from tasks.core.errors import StageError
 from tasks.core.stages import DVC_STAGES
@@ -63,29 +68,18 @@ def _subprocess_env(root: Path) -> dict[str, str]:
     return env
 
 
-def stream_command(cmd: list[str], *, cwd: Path, emit: Callable[[str], None], env: dict[str, str] | None = None) -> tuple[int, list[str]]:
-    """Run a command, passing each output line (stdout and stderr) to `emit` as it appears.
+def pump_lines(stream: Any, emit: Callable[[str], None], tail: deque[str]) -> None:
+    """Read a binary stream to its end, passing each line (without its ending) to `emit` and keeping the last in `tail`.
 
     Progress-bar redraws (lines ended by a bare carriage return) are passed on at most every
     PROGRESS_LOG_SECONDS, and the last one always, so a tqdm bar shows in the Prefect UI without
     flooding it.
-
-    Args:
-        cmd: the command and its arguments.
-        cwd: working directory.
-        emit: called with each line (without its line ending).
-        env: environment (default: the current one).
-
-    Returns:
-        The exit code and the last 40 lines.
     """
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    tail: deque[str] = deque(maxlen=40)
+    read = getattr(stream, "read1", stream.read)
     buf = b""
     pending_progress: str | None = None
     last_progress = 0.0
-    while chunk := proc.stdout.read1(65536):
+    while chunk := read(65536):
         buf += chunk
         while match := _LINE_END.search(buf):
             segment, ending, buf = buf[: match.start()], match.group(), buf[match.end() :]
@@ -107,7 +101,55 @@ def stream_command(cmd: list[str], *, cwd: Path, emit: Callable[[str], None], en
         text = buf.decode("utf-8", errors="replace").rstrip()
         emit(text)
         tail.append(text)
+
+
+def stream_command(cmd: list[str], *, cwd: Path, emit: Callable[[str], None], env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Run a command, passing each output line (stdout and stderr) to `emit` as it appears (`pump_lines`).
+
+    Args:
+        cmd: the command and its arguments.
+        cwd: working directory.
+        emit: called with each line (without its line ending).
+        env: environment (default: the current one).
+
+    Returns:
+        The exit code and the last 40 lines.
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    tail: deque[str] = deque(maxlen=40)
+    pump_lines(proc.stdout, emit, tail)
     return proc.wait(), list(tail)
+
+
+class _EmitHandler(logging.Handler):
+    """Passes DVC's log records (what `dvc repro` prints: "Running stage", "Updating lock file") to `emit`."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self._emit = emit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for line in record.getMessage().splitlines():
+            if line.strip():
+                self._emit(line.rstrip())
+
+
+@contextlib.contextmanager
+def _dvc_log_to(emit: Callable[[str], None]) -> Iterator[None]:
+    """While DVC runs in this process, its INFO and higher records go to `emit` only, as `dvc repro` prints them
+    (not also to the console handlers `import dvc` installs)."""
+    logger = logging.getLogger("dvc")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers = [_EmitHandler(emit)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
 
 
 def _lock_entry(root: Path, stage: str) -> Any:
@@ -148,12 +190,19 @@ def write_overrides(params_path: Path, overrides: list[str]) -> Params:
     return params
 
 
-def run_dvc_stage(stage: str, root: str) -> dict[str, Any]:
-    """Run one DVC stage (`dvc repro --single-item <stage>`), streaming its output into the run log.
+def run_dvc_stage(stage: str, root: str, runner: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one DVC stage (`dvc repro --single-item <stage>`), its output and DVC's in the run log.
+
+    DVC runs in this process (`Repo.reproduce`, what the `dvc repro` command calls), so no stage pays
+    for a second interpreter importing DVC; DVC still runs the stage's command (`sftflow <stage>`) as a
+    subprocess, with the stage's environment (`_subprocess_env`), and `runner`'s `sftflow` starts it in
+    the flow's warm interpreter (flows/warm_stages.py) with its output sent to the run log.
 
     Args:
         stage: a stage of dvc.yaml.
         root: the project root (holds dvc.yaml and params.yaml).
+        runner: the flow's `flows.warm_stages.stage_runner`; None: one for this call, without the warm
+            interpreter (the command starts fresh).
 
     Returns:
         {"stage", "ran": whether DVC executed the stage's command, "seconds"}.
@@ -161,24 +210,40 @@ def run_dvc_stage(stage: str, root: str) -> dict[str, Any]:
     Raises:
         StageError: the stage failed; the message holds the end of its output.
     """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
     log = run_logger()
     root_path = Path(root)
+    if runner is None:
+        with stage_runner(root_path, _subprocess_env(root_path), _tool("sftflow"), log, warm=False) as own:
+            return run_dvc_stage(stage, root, own)
     before = _lock_entry(root_path, stage)
     started = time.monotonic()
-    cmd = [_tool("dvc"), "repro", "--single-item", stage]
-    log.info("$ %s", " ".join(["dvc", *cmd[1:]]))
+    log.info("$ dvc repro --single-item %s", stage)
     saw_running = False
+    tail: deque[str] = deque(maxlen=40)
 
     def emit(line: str) -> None:
         nonlocal saw_running
         saw_running = saw_running or line.startswith(f"Running stage '{stage}'")
         log.info("%s", line)
 
-    rc, tail = stream_command(cmd, cwd=root_path, emit=emit, env=_subprocess_env(root_path))
+    error: DvcException | None = None
+    with stage_output(runner, lambda stream: pump_lines(stream, emit, tail)) as output_env, _dvc_log_to(emit):
+        try:
+            with _chdir(root_path), Repo(str(root_path)) as repo:  # DVC resolves the target against the cwd
+                repo.reproduce(stage, single_item=True, run_env={**stage_env(_subprocess_env(root_path), runner), **output_env})
+        except DvcException as e:
+            error = e
     seconds = round(time.monotonic() - started, 2)
-    if rc != 0:
-        excerpt = "\n".join(tail[-15:])
-        raise StageError(f"stage `{stage}` failed (dvc repro exit code {rc}) after {seconds:.0f} s; its last output:\n{excerpt}")
+    if error is not None:
+        causes, cause = [str(error)], error.__cause__
+        while cause is not None:
+            causes.append(str(cause))
+            cause = cause.__cause__
+        excerpt = "\n".join(list(tail)[-15:])
+        raise StageError(f"stage `{stage}` failed ({': '.join(causes)}) after {seconds:.0f} s; its last output:\n{excerpt}") from error
     ran = saw_running or _lock_entry(root_path, stage) != before
     log.info("stage %s: %s in %.1f s", stage, "ran" if ran else "up to date, skipped by DVC", seconds)
     return {"stage": stage, "ran": ran, "seconds": seconds}

@@ -29,6 +29,7 @@ never run, the MLflow run ends FAILED, and the next run starts at the first stal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -36,10 +37,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.dvc_stage import STAGE_TASKS, write_overrides
+from flows.dvc_stage import STAGE_TASKS, _subprocess_env, _tool, write_overrides
 from flows.io_tasks import check_trigger, log_to_mlflow, mark_failed, promote, push, register, snapshot_feedback
 from flows.lock import _chdir, _project_lock
 from flows.report import finish, next_steps
+from flows.warm_stages import WARM_ENV, enabled, stage_runner, warmups_for
 from tasks.core import registry
 from tasks.core.access import prefect_access, tracking_access
 from tasks.core.config import DEFAULT_PARAMS_FILE, ParamsError, load_params
@@ -69,8 +71,6 @@ def retrain(params_path: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | 
         ParamsError: bad parameters (nothing runs).
         StageError: a stage failed; nothing was registered or promoted.
     """
-    import mlflow
-    from mlflow import MlflowClient
     from prefect.runtime import flow_run
 
     log = get_run_logger()
@@ -81,9 +81,18 @@ def retrain(params_path: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | 
     if params_file.name != "params.yaml":
         raise ParamsError(f"the DVC stages read params.yaml, not {params_file.name}; edit params.yaml or use -S key=value")
     started = time.monotonic()
-    with _chdir(root), _project_lock(root):
+    with _chdir(root), _project_lock(root), contextlib.ExitStack() as warm_stack:
         params = write_overrides(params_file, list(overrides or []))
         result: dict[str, Any] = {"status": None, "stages": [], "flow_run_id": flow_run.id}
+        warm = enabled()
+        # Started before the trigger check, so its imports overlap MLflow's start-up here; stopped at once when
+        # no stage runs. The stage commands get the environment pinned now (flows/warm_stages.py).
+        runner = warm_stack.enter_context(
+            stage_runner(root, _subprocess_env(root), _tool("sftflow"), log, warm, warmups_for(params.data.language))
+        )
+        import mlflow  # seconds: after the warm interpreter started, which imports meanwhile
+        from mlflow import MlflowClient
+
         # Feedback sent from now on waits for the next run: align reads only closed snapshots.
         closed = snapshot_feedback(params)
         if closed is not None:
@@ -107,8 +116,11 @@ def retrain(params_path: str = str(DEFAULT_PARAMS_FILE), overrides: list[str] | 
         log.info("MLflow run %s at %s", run_id, result["mlflow_tracking_uri"])
         name = params.register.model_name
         try:
+            if not warm:
+                log.info("%s=0: every stage's `sftflow` starts in a fresh interpreter", WARM_ENV)
             for stage in DVC_STAGES:
-                result["stages"].append(STAGE_TASKS[stage](stage, str(root)))
+                result["stages"].append(STAGE_TASKS[stage](stage, str(root), runner))
+            warm_stack.close()  # the stages are done: the warm interpreter's memory is freed before register
             push(str(root))  # before register: a version must never point at outputs the remote lacks
             log_to_mlflow(params, run_id)
             model_sha256 = dir_sha256(params.layout.final_model)

@@ -26,7 +26,8 @@ ids as generation, the answer and its end-of-turn token.
 
 The reference policy is the fine-tuned model: with `train.method: lora` DPO trains a fresh adapter
 and TRL computes the reference with the adapter disabled; with `full`, a frozen copy. Precision and
-DeepSpeed follow `train.precision` and `train.deepspeed_config`.
+DeepSpeed: precision follows `train.precision`; align runs in one process, where DeepSpeed has nothing to
+split (`tasks.core.launch.deepspeed_plan`), so it trains with the plain (TRL) Trainer.
 """
 
 from __future__ import annotations
@@ -46,14 +47,20 @@ from tasks.core.errors import StageError
 from tasks.core.evaluation import Evaluator
 from tasks.core.feedback import near_duplicate_flags, read_closed
 from tasks.core.io import configure_threads, dir_sha256, set_seed, write_json, write_jsonl
-from tasks.core.launch import ensure_distributed_env, release_deepspeed_config
+from tasks.core.launch import release_deepspeed_config
 from tasks.core.modeling import count_parameters, load_model, load_tokenizer, lora_config, save_model
 from tasks.core.plots import save_figure
 from tasks.core.preferences import Pair, pairs_sha256, preference_file_sha256, read_preference_file
 from tasks.core.prompt import answer_ids, check_chat_template, encode_prompt
 from tasks.core.scoring import paired_bootstrap, score_row
 from tasks.core.stage_params import StageParams, stage_entry
-from tasks.core.training import precision_arguments, resolve_precision, training_arguments, use_deterministic_algorithms
+from tasks.core.training import (
+    batch_width_multiple,
+    precision_arguments,
+    resolve_precision,
+    training_arguments,
+    use_deterministic_algorithms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +247,7 @@ def dpo_config(params: StageParams, ckpt_dir: Path) -> Any:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.keep_checkpoints,
         eval_strategy="no",
-        deepspeed=str(train.deepspeed_config) if train.deepspeed_config is not None else None,
+        # One process: DeepSpeed has nothing to split there (tasks.core.launch.deepspeed_plan), so none.
         **precision_arguments(resolve_precision(train.precision)),
     )
     init = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -249,6 +256,8 @@ def dpo_config(params: StageParams, ckpt_dir: Path) -> Any:
         beta=cfg.beta,
         max_length=None,  # pairs are cut when encoded (train.max_source_length, train.max_target_length)
         disable_dropout=True,
+        # bf16 on the CPU keeps memory per attention shape: bounded as train bounds it (batch_width_multiple)
+        pad_to_multiple_of=batch_width_multiple(args) if batch_width_multiple(args) > 1 else None,
     )
 
 
@@ -286,8 +295,6 @@ def dpo(params: StageParams, tuned_dir: Path, tokenizer: Any, train_pairs: list[
         "pairs": pairs_sha256(train_pairs),
         "fine_tuned": dir_sha256(tuned_dir),
     })
-    if train.deepspeed_config is not None:
-        ensure_distributed_env()
     set_seed(cfg.seed)
     use_deterministic_algorithms()
     trust = params.model.trust_remote_code

@@ -6,6 +6,7 @@
     sftflow promote [--version N]               gate a version (or force one) to `champion`
     sftflow rollback                            champion back to the previous champion
     sftflow lineage VERSION                     data → params → code → metrics of a model version
+    sftflow export  --ollama VERSION            a version's GGUF file and an Ollama Modelfile
     sftflow serve   [--host H] [--port P]       the Gradio app for the champion
     sftflow review  [--host H] [--port P]       the reviewer's Streamlit dashboard over the registry
     sftflow params  [--markdown]                every params key: type, default, description
@@ -110,6 +111,19 @@ def make_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.add_argument("version", help="model version number (or an alias such as champion)")
 
+    p = sub.add_parser(
+        "export",
+        help="write a registered version's GGUF variant and an Ollama Modelfile",
+        description="write a registered version's GGUF variant (checked against its registered file hashes) and an "
+        "Ollama Modelfile that prompts, stops and decodes as the variant was scored; then `ollama create NAME -f "
+        "OUT/Modelfile`.",
+    )
+    _add_params_args(p)
+    p.add_argument("--ollama", required=True, metavar="VERSION", help="model version number or alias (e.g. champion)")
+    p.add_argument("--variant", default=None, choices=("gguf-f16", "gguf-q8_0", "gguf-q4_k_m"),
+                   help="which GGUF variant (default: the fastest registered one)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <paths.artifacts>/export/<register.model_name>-<VERSION>)")
+
     p = _stage_parser(sub, stage("serve"))
     _add_params_args(p)
     p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
@@ -182,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.register import lineage
 
             _print_result(lineage(params, args.version))
+        elif args.command == "export":
+            from tasks.register import export_ollama
+
+            out = args.out or params.layout.artifacts / "export" / f"{params.register.model_name}-{args.ollama}"
+            _print_result(export_ollama(params, args.ollama, out, variant=args.variant))
         elif args.command == "serve":
             from tasks.serve import run as serve
 

@@ -253,12 +253,13 @@ def _pretrain(
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     work_dir = params.layout.stage_dir(STAGE) / "trainer"
+    precision = resolve_precision(params.train.precision)
     args = training_arguments(
         work_dir,
         cfg,
         save_strategy="no",
         eval_strategy="no",
-        **precision_arguments(resolve_precision(params.train.precision)),
+        **precision_arguments(precision),
     )
     trainer = Trainer(
         model=model,
@@ -285,6 +286,7 @@ def _pretrain(
             "learning_rate": cfg.learning_rate,
             "blocks": len(train_blocks),
             "block_size": block_size,
+            "precision": precision,
             "seconds": round(seconds, 1),
             "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1),
         }

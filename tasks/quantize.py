@@ -21,6 +21,15 @@ Methods (the format itself: `tasks.core.variants`):
 - `bf16`: the model in bfloat16, scored in bf16 on the device class this stage runs on (the GPU when
   there is one, else the CPU) and recorded so (`<variant>.on_cuda`, `variants` in the metrics, the
   marker's `dtype`/`device`): what `serve.variant_gpu: bf16` serves, and only where it was scored.
+- `gguf-f16`, `gguf-q8_0`, `gguf-q4_k_m` (CPU): the model converted by llama.cpp's `convert_hf_to_gguf.py`
+  (once, to f16) and quantized by llama.cpp's quantizer, generated through llama-cpp-python with the same
+  prompt token ids, greedy, the same stop tokens and repetition controls (`tasks.core.gguf`); scored and
+  speed-checked beside int8 against the same full model. A model llama.cpp cannot convert (the scratch
+  base's character tokenizer, an architecture its converter lacks) or a machine without llama-cpp-python
+  or its converter skips them: `<variant>.skipped` and `.reason` say why, nothing is written and the stage
+  goes on. A GGUF variant also passes the conversion check (`<variant>.conversion_check`: the file's own
+  chat template and tokenizer give the prompts that were scored) or is not served; `register` registers
+  only GGUF variants that passed.
 
 Every variant is scored by the same generator, on the same batches, as the pyfunc model and the app
 generate (rows batched by prompt token length, as `tasks.core.generation.generate` batches them), so the
@@ -45,6 +54,8 @@ whole test split.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +64,7 @@ from typing import Any
 from tasks.core.data import read_split
 from tasks.core.decoding import apply_decoding, decoding_file
 from tasks.core.errors import StageError
+from tasks.core.gguf import GGUF_METHODS, GgufUnavailable
 from tasks.core.generation import GenerationSettings, encode_prompts, generate
 from tasks.core.io import dir_sha256, write_json, write_jsonl
 from tasks.core.modeling import load_for_inference, load_model_and_tokenizer, load_tokenizer
@@ -353,12 +365,20 @@ def run(cfg: StageParams) -> dict[str, Any]:
         "decoding": {k: getattr(settings, k) for k in ("no_repeat_ngram_size", "repetition_penalty")},
     }
     columns: dict[str, list[str]] = {}
-    for device in ("cpu", "cuda"):
-        on_device = [m for m in methods if variant_device(m) == device]
-        if on_device:
-            figures, predictions = _measure_on(device, on_device, model_dir, model_sha, rows, settings, cfg)
-            metrics.update(figures)
-            columns.update(predictions)
+    with tempfile.TemporaryDirectory(prefix="sftflow-gguf-") as tmp:
+        gguf_source, skipped = _convert_gguf([m for m in methods if m in GGUF_METHODS], model_dir, Path(tmp))
+        for method, reason in skipped.items():
+            log.warning("%s skipped: %s", method, reason)
+            shutil.rmtree(layout.variant_dir(method), ignore_errors=True)  # nothing stale for register to find
+            metrics.update({f"{method}.skipped": True, f"{method}.served": False, f"{method}.reason": f"skipped: {reason}"})
+        methods = [m for m in methods if m not in skipped]
+        for device in ("cpu", "cuda"):
+            on_device = [m for m in methods if variant_device(m) == device]
+            if on_device:
+                figures, predictions = _measure_on(device, on_device, model_dir, model_sha, rows, settings, cfg, gguf_source)
+                metrics.update(figures)
+                columns.update(predictions)
+    metrics["skipped"] = sorted(skipped)
     metrics["passed"] = all(metrics[f"{m}.passed"] for m in methods)
     # Where and in which dtype each variant was scored: where it serves (the marker says the same).
     metrics["variants"] = {m: {"dtype": METHOD_DTYPES[m][1], "device": variant_device(m)} for m in methods}
@@ -367,13 +387,55 @@ def run(cfg: StageParams) -> dict[str, Any]:
         [{"id": r["id"], "reference": r["summary"], **{k: v[i] for k, v in columns.items()}} for i, r in enumerate(rows)],
     )
     write_json(layout.metrics_file("quantize"), metrics)
-    plot_comparison(metrics, methods, layout.plots_dir("quantize") / "comparison.png")
+    if methods:  # every method skipped (GGUF alone on a model llama.cpp cannot convert): nothing to plot
+        plot_comparison(metrics, methods, layout.plots_dir("quantize") / "comparison.png")
     return metrics
 
 
-def _write_variant(method: str, model_dir: Path, folder: Path, tokenizer: Any, trust_remote_code: bool, source_sha256: str) -> None:
-    """Quantize the model folder with `method` into `folder` (the variant format, naming its source)."""
-    if method == "int8":
+def _convert_gguf(methods: list[str], model_dir: Path, tmp: Path) -> tuple[Path | None, dict[str, str]]:
+    """Convert the final model to one f16 GGUF file for the GGUF `methods` (each quantizes from it).
+
+    Returns:
+        (the f16 file, or None; {method: why it is skipped}): every GGUF method is skipped, with the
+        reason, when the model cannot be converted or llama-cpp-python or llama.cpp's converter is missing.
+    """
+    from tasks.core.gguf import convert, converter_dir, llama_cpp, unsupported_reason
+
+    if not methods:
+        return None, {}
+    try:
+        reason = unsupported_reason(model_dir)  # the tokenizer: checked first, costs nothing
+        if reason is None:
+            llama_cpp()
+            converter = converter_dir()
+            reason = unsupported_reason(model_dir, converter)
+        if reason is not None:
+            return None, dict.fromkeys(methods, f"llama.cpp cannot convert {model_dir}: {reason}")
+        out = tmp / "model-f16.gguf"
+        started = time.perf_counter()
+        convert(model_dir, out, converter)
+        log.info("converted %s to GGUF f16 with llama.cpp in %.1f s", model_dir, time.perf_counter() - started)
+        return out, {}
+    except GgufUnavailable as e:
+        return None, dict.fromkeys(methods, str(e))
+
+
+def _write_variant(
+    method: str, model_dir: Path, folder: Path, tokenizer: Any, trust_remote_code: bool, source_sha256: str,
+    gguf_source: Path | None = None,
+) -> None:
+    """Quantize the model folder with `method` into `folder` (the variant format, naming its source); a
+    GGUF method from `gguf_source`, the f16 file `_convert_gguf` wrote."""
+    import torch
+
+    if method in GGUF_METHODS:
+        from tasks.core.gguf import write_variant
+
+        if gguf_source is None:
+            raise StageError(f"{method}: no GGUF conversion of {model_dir} to quantize from")
+        write_variant(model_dir, method, folder, tokenizer, gguf_source, threads=torch.get_num_threads(),
+                      source_sha256=source_sha256)
+    elif method == "int8":
         source, _ = load_model_and_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         _, tensors, int8_layout = quantize_int8(source)
         save_int8(tensors, int8_layout, source, tokenizer, folder, source_sha256=source_sha256)
@@ -391,8 +453,10 @@ def _measure_on(
     rows: list[dict[str, Any]],
     settings: GenerationSettings,
     cfg: StageParams,
+    gguf_source: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """Write, reload and measure the variants of one device against the full model on that device.
+    """Write, reload and measure the variants of one device against the full model on that device (a GGUF
+    variant quantized from `gguf_source`, and checked to give the scored prompts from its file alone).
 
     Returns:
         (flat metrics of the full model and each variant, predictions by model name).
@@ -404,10 +468,15 @@ def _measure_on(
     full_model, tokenizer = load_for_inference(model_dir, "float32", device, trust_remote_code=trust)
     models = {full_name: (full_model, tokenizer)}
     full_size = weights_bytes(model_dir)
+    conversion: dict[str, list[str]] = {}
     for method in methods:
         folder = cfg.layout.variant_dir(method)
-        _write_variant(method, model_dir, folder, tokenizer, trust, model_sha256)
+        _write_variant(method, model_dir, folder, tokenizer, trust, model_sha256, gguf_source)
         models[method] = load_quantized(folder)
+        if method in GGUF_METHODS:
+            from tasks.core.gguf import conversion_problems
+
+            conversion[method] = conversion_problems(*models[method], [r["text"] for r in rows], settings)
         log.info("%s: %.2f MB of weights (full: %.2f MB)", method, weights_bytes(folder) / 1e6, full_size / 1e6)
     preds, wall, cpu = timed_generate(models, rows, settings)
     # The speed check, after the quality pass warmed every model: repeats on a few rows, same batches.
@@ -422,10 +491,15 @@ def _measure_on(
         agreement = sum(a == b for a, b in zip(preds[method], preds[full_name])) / len(rows)
         metrics.update(variant_metrics(method, full=full, variant=variant, agreement=agreement, max_drop=max_drop))
         metrics[f"{method}.on_cuda"] = 1.0 if device == "cuda" else 0.0
+        if method in conversion:
+            metrics[f"{method}.conversion_check"] = "; ".join(conversion[method]) or "passed"
+            metrics[f"{method}.passed"] = metrics[f"{method}.passed"] and not conversion[method]
         metrics.update(serve_decision(
             method, full_s=repeats[full_name], variant_s=repeats[method], device=device,
             passed=metrics[f"{method}.passed"], drop=metrics[f"{method}.rouge-l_drop"], max_drop=max_drop,
         ))
+        if conversion.get(method):
+            metrics[f"{method}.reason"] = f"conversion check failed: {metrics[f'{method}.conversion_check']}"
         log.info("%s: %s: %s", method, "served" if metrics[f"{method}.served"] else "NOT served", metrics[f"{method}.reason"])
         log.info(
             "%s: size x%.2f, latency x%.2f, ROUGE-L %.2f vs %.2f (drop %.2f, max %.2f): %s",

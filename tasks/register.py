@@ -6,7 +6,7 @@ and whether the tree was dirty, the Prefect flow run id and the evaluate metrics
 version and metrics of its run). The per-row ROUGE-L of the test predictions is stored in the run
 (`row_scores/<test split sha256>.json`) so `promote` compares two versions row by row without
 generating again. Quantized variants in `artifacts/quantize/<method>/` are registered as versions
-of `<model_name>-<method>`; the main version points at each with a `sftflow.variant.<method>` tag
+of `<model_name>-<method>` (a GGUF one only when it passed quantize's gate); the main version points at each with a `sftflow.variant.<method>` tag
 and carries quantize's decision to serve it or not (`sftflow.variant_served.<method>`: `true`/`false`,
 `sftflow.variant_reason.<method>`: e.g. "slower than full precision: ratio a–b"), which the app follows.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import subprocess
 import tempfile
 from importlib import metadata
@@ -36,10 +37,11 @@ import yaml
 from tasks.core.decoding import apply_decoding, decoding_file
 from tasks.core.errors import StageError
 from tasks.core.generation import GenerationSettings
+from tasks.core.gguf import GGUF_FILE, GGUF_METHODS
 from tasks.core.scoring import SCORING_VERSION, score_row
 from tasks.core.io import dir_sha256, file_sha256, read_json, read_jsonl, write_json
 from tasks.core.layout import SPLITS
-from tasks.core.loading import MANIFEST_TAG, encode_manifest, logged_model_manifest
+from tasks.core.loading import MANIFEST_TAG, decode_manifest, encode_manifest, logged_model_manifest, manifest_mismatches
 from tasks.core.registry import (
     CONTENT_TAG,
     ROW_METRIC,
@@ -50,6 +52,7 @@ from tasks.core.registry import (
     client,
     find_version_with_content,
     load_row_scores,
+    resolve_version,
     model_name_of,
     row_scores_key,
     save_row_scores,
@@ -57,6 +60,7 @@ from tasks.core.registry import (
     settings_sha256,
     variant_decision_tags,
     variant_uri_tag,
+    variant_uris,
     version_lineage,
 )
 from tasks.core.stage_params import StageParams, stage_entry
@@ -265,10 +269,11 @@ def quantize_metrics(params: StageParams) -> dict[str, float]:
 # ----------------------------------------------------------------------------- logging a model
 
 
-def _requirements() -> list[str]:
-    """Pinned requirements of the loaded model (listed here so MLflow does not infer them by loading it)."""
+def _requirements(quantization: str | None = None) -> list[str]:
+    """Pinned requirements of the loaded model (listed here so MLflow does not infer them by loading it); a
+    GGUF variant adds llama-cpp-python."""
     reqs = []
-    for name in _REQUIREMENTS:
+    for name in (*_REQUIREMENTS, *(("llama-cpp-python",) if quantization in GGUF_METHODS else ())):
         try:
             reqs.append(f"{name}=={metadata.version(name).split('+')[0]}")
         except metadata.PackageNotFoundError:
@@ -303,7 +308,7 @@ def content_sha256(model_dir: Path, params: StageParams, tags: dict[str, Any], q
         "model": dir_sha256(model_dir),
         "settings": generation_settings(params, quantization),
         "code": file_sha256(Path(pyfunc_model.__file__)),
-        "requirements": _requirements(),
+        "requirements": _requirements(quantization),
         "tags": described,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -354,8 +359,10 @@ def log_and_register(
     if not model_dir.is_dir() or not any(model_dir.iterdir()):
         raise StageError(f"model folder {model_dir} does not exist or is empty")
     _check_model_dir(model_dir, "model folder")
-    if not list(model_dir.glob("*.safetensors")):
-        raise StageError(f"{model_dir} holds no .safetensors weights: save it with tasks.core.modeling.save_model")
+    weights = "*.gguf" if quantization in GGUF_METHODS else "*.safetensors"
+    if not list(model_dir.glob(weights)):
+        raise StageError(f"{model_dir} holds no {weights[1:]} weights: save it with tasks.core.modeling.save_model "
+                         "(a GGUF variant: re-run `sftflow quantize`)")
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")) or list(model_dir.glob("*.pkl")):
         raise StageError(f"{model_dir} holds pickled weights (.bin/.pt/.pkl): only safetensors are registered")
     name = registered_name or model_name_of(params.register.model_name, quantization)
@@ -383,7 +390,7 @@ def log_and_register(
                 python_model=str(Path(pyfunc_model.__file__).resolve()),
                 artifacts={pyfunc_model.MODEL_ARTIFACT: str(model_dir), pyfunc_model.SETTINGS_ARTIFACT: str(settings_file)},
                 signature=signature,
-                pip_requirements=_requirements(),
+                pip_requirements=_requirements(quantization),
             )
             # Hashes of what is stored now, kept in the registry (not the artifact store) for the loader.
             stored_at = mlflow.MlflowClient().get_logged_model(info.model_id).artifact_location
@@ -525,6 +532,8 @@ def _variant_dirs(params: StageParams, model_sha256: str) -> dict[str, Path]:
     """The quantized variants of `quantize.methods` the quantize stage wrote (folders with its marker)
     from these weights (`model_sha256`): a variant of other weights is refused."""
     found = {}
+    metrics_file = params.layout.metrics_file("quantize")
+    measured = read_json(metrics_file) if metrics_file.exists() else {}
     for method in params.quantize.methods:
         folder = params.layout.variant_dir(method)
         if not (folder / MARKER_FILE).exists():
@@ -539,6 +548,11 @@ def _variant_dirs(params: StageParams, model_sha256: str) -> dict[str, Path]:
                 f"{params.layout.final_model} ({model_sha256[:12]}): re-run `sftflow quantize`; nothing was registered"
             )
         _check_model_dir(folder, f"the {method} variant")
+        if method in GGUF_METHODS and measured.get(f"{method}.passed") is not True:
+            # A GGUF file that failed the gate (quality or conversion check) is not registered: nobody exports it.
+            log.info("the %s variant did not pass quantize's gate (%s): not registering it", method,
+                     measured.get(f"{method}.reason") or "no measurement")
+            continue
         found[method] = folder
     if found and not params.layout.metrics_file("quantize").exists():
         raise StageError(
@@ -567,3 +581,83 @@ def lineage(params: StageParams, version: str | int) -> str:
     """
     setup_mlflow(params.register.experiment)
     return version_lineage(client(), params.register.model_name, version).text()
+
+
+# ----------------------------------------------------------------------------- Ollama export
+
+
+@stage_entry("register")
+def export_ollama(params: StageParams, version: str | int, out_dir: Path, variant: str | None = None) -> dict[str, Any]:
+    """Write a registered version's GGUF variant and an Ollama `Modelfile` for it into `out_dir`.
+
+    The variant's files are downloaded and checked against the hashes recorded at registration (as
+    `tasks.core.loading.load_registered` checks them) before anything is written; the Modelfile renders
+    the prompt the variant was scored on and stops where it stopped (`tasks.core.gguf.ollama_modelfile`).
+
+    Args:
+        params: parameters (`register.model_name`, the store).
+        version: a version number or an alias (`champion`).
+        out_dir: where `model.gguf` and `Modelfile` go (created).
+        variant: `gguf-f16`, `gguf-q8_0` or `gguf-q4_k_m`; default: of the version's registered GGUF
+            variants (all passed quantize's gate), the one with the lowest latency ratio in its run.
+
+    Returns:
+        `version`, `variant`, `uri`, `gguf`, `modelfile` and the `ollama create` command.
+
+    Raises:
+        StageError: the version has no registered GGUF variant (or not the one asked for), or its stored
+            files differ from those registered.
+    """
+    import mlflow
+    from transformers import AutoConfig, GenerationConfig
+
+    from tasks.core import pyfunc_model  # deferred: importing MLflow's model code registers it (set_model)
+    from tasks.core.gguf import ollama_modelfile, runtime_adds_bos
+    from tasks.core.modeling import load_tokenizer
+
+    setup_mlflow(params.register.experiment)
+    c = client()
+    name = params.register.model_name
+    mv = resolve_version(c, name, version)
+    registered = {m: uri for m, uri in variant_uris(mv.tags).items() if m in GGUF_METHODS}
+    if not registered:
+        raise StageError(f"{name} version {mv.version} has no registered GGUF variant: add gguf-q8_0 or gguf-q4_k_m to "
+                         "quantize.methods (the gguf extra installed), then run quantize and register")
+    if variant is None:
+        ratios = c.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        variant = min(registered, key=lambda m: (ratios.get(f"quantize.{m}.latency_ratio_high", float("inf")), m))
+    elif variant not in registered:
+        raise StageError(f"{name} version {mv.version} has no registered {variant} variant; it has {sorted(registered)}")
+    uri = registered[variant]
+    vname, vversion = uri[len("models:/"):].rsplit("/", 1)
+    vmv = c.get_model_version(vname, vversion)
+    what = f"{vname} version {vversion}"
+    raw = (vmv.tags or {}).get(MANIFEST_TAG)
+    if not raw:
+        raise StageError(f"refusing to export {what}: it has no {MANIFEST_TAG} tag, so its files cannot be checked; register it again")
+    expected = decode_manifest(raw, what)
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="sftflow-export-") as tmp:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=c.get_model_version_download_uri(vname, vversion), dst_path=tmp))
+        meta = root / "registered_model_meta"  # MLflow's own note of name and version, written on download
+        if meta.is_file() and "registered_model_meta" not in expected:
+            meta.unlink()
+        problems = manifest_mismatches(root, expected)
+        if problems:
+            raise StageError(f"refusing to export {what}: its stored files differ from those registered: {'; '.join(problems[:5])}")
+        model_dir = next(p.parent for p in root.rglob(GGUF_FILE))
+        settings_file = next(root.rglob(pyfunc_model.SETTINGS_FILE))
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        tokenizer = load_tokenizer(str(model_dir), trust_remote_code=False)
+        generation_config = (GenerationConfig.from_pretrained(model_dir) if (model_dir / "generation_config.json").is_file()
+                             else GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir)))
+        header = (f"Written by `sftflow export --ollama {version}`: {name} version {mv.version}, its {variant} variant ({uri}).\n"
+                  "Greedy, with the prompt and stop tokens the variant was scored with by `sftflow quantize`.")
+        text = ollama_modelfile(tokenizer, generation_config, settings, GGUF_FILE, header, runtime_adds_bos(model_dir / GGUF_FILE))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_dir / GGUF_FILE, out_dir / GGUF_FILE)
+    (out_dir / "Modelfile").write_text(text, encoding="utf-8")
+    result = {"version": str(mv.version), "variant": variant, "uri": uri, "gguf": str(out_dir / GGUF_FILE),
+              "modelfile": str(out_dir / "Modelfile"), "ollama": f"ollama create {name}-{variant} -f {out_dir / 'Modelfile'}"}
+    log.info("exported %s version %s (%s) for Ollama to %s", name, mv.version, variant, out_dir)
+    return result

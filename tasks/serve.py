@@ -1,7 +1,8 @@
 """`sftflow serve`: a Gradio app for the registry's champion, hot-reloaded when the alias moves.
 
-The app loads `models:/<register.model_name>@champion` (the variant `serve:` names for this device),
-streams summaries in the page, and exposes `/summarize` (text in, summary out, the same greedy result
+The app loads `models:/<register.model_name>@champion` (the variant `serve:` names for this device;
+`serve.variant_cpu: fastest` the quickest CPU variant quantize decided to serve, a GGUF one included, which
+generates in llama.cpp through llama-cpp-python behind the same `generate` call), streams summaries in the page, and exposes `/summarize` (text in, summary out, the same greedy result
 as the pyfunc's `predict`) to `gradio_client`. A background thread polls the alias every
 `serve.poll_seconds`; when it moves, the new version is loaded first and then swapped in under a lock,
 so a request holds the version it started with until it finishes. The side panel names the version

@@ -34,6 +34,7 @@ from tasks.core.generation import GenerationSettings
 from tasks.core.io import configure_threads, dir_sha256, file_sha256, read_json, set_seed, write_json
 from tasks.core.launch import (
     LAUNCHED_ENV,
+    deepspeed_plan,
     ensure_distributed_env,
     init_deepspeed_comm,
     is_rank_zero,
@@ -58,6 +59,7 @@ from tasks.core.plots import write_loss_curve
 from tasks.core.prompt import check_chat_template, collate_features, encode_example, summary_loss
 from tasks.core.stage_params import StageParams, stage_entry
 from tasks.core.training import (
+    batch_width_multiple,
     determinism,
     loss_rows,
     nondeterministic_ops,
@@ -113,7 +115,10 @@ def check_params(params: StageParams) -> None:
                 f"set train.num_processes to at most {cores}"
             )
     try:
-        resolve_precision(cfg.precision)
+        # A missing or broken DeepSpeed config is reported above; its precision check then assumes none.
+        deepspeed = cfg.deepspeed_config is not None and Path(cfg.deepspeed_config).is_file() and not problems and \
+            deepspeed_plan(cfg.deepspeed_config, cfg.num_processes)[0]
+        resolve_precision(cfg.precision, deepspeed=deepspeed)
     except ParamsError as e:
         problems.append(str(e))
     if problems:
@@ -217,16 +222,18 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
     import torch
 
     cfg = params.train
-    if cfg.deepspeed_config is not None:
+    use_deepspeed, deepspeed_reason = deepspeed_plan(cfg.deepspeed_config, int(os.environ.get("WORLD_SIZE", "1")))
+    deepspeed_config = cfg.deepspeed_config if use_deepspeed else None
+    if use_deepspeed:
         ensure_distributed_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    precision = resolve_precision(cfg.precision)
+    precision = resolve_precision(cfg.precision, deepspeed=use_deepspeed)
     # The Trainer's arguments exist before the model loads: with a ZeRO-3 config they hold the DeepSpeed
     # config transformers reads in from_pretrained (and from_config), so `deepspeed.zero.Init` builds every
     # parameter already partitioned over the ranks. They stay alive (the Trainer keeps them) until the
     # final model is saved.
-    args = _arguments(cfg, ckpt_dir, world_size, precision)
-    if cfg.deepspeed_config is not None:
+    args = _arguments(cfg, ckpt_dir, world_size, precision, deepspeed_config)
+    if use_deepspeed:
         args.device  # sets up torch.distributed now, and DeepSpeed's comm on it: zero.Init counts the ranks
         init_deepspeed_comm()
     # Seeded before the model loads, so nothing drawn while loading depends on what ran before it.
@@ -265,7 +272,7 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
     log.info(
         "train: %d rows (%d val), method %s, %s trainable of %s parameters, %d rank(s) x %d thread(s), deepspeed %s",
         len(train_features), len(val_features), cfg.method, f"{trainable:,}", f"{total:,}", world_size, threads,
-        cfg.deepspeed_config,
+        deepspeed_config if use_deepspeed else f"not used ({deepspeed_reason})",
     )
     sessions: list[dict[str, Any]] = []
     if is_rank_zero():
@@ -310,11 +317,13 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
         "target_length_limit": target_limit,
         **{f"{split}_{k}": v for split, cuts in (("train", train_cuts), ("val", val_cuts)) for k, v in cuts.items()},
         "deepspeed_config": str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
+        "deepspeed_used": use_deepspeed,
+        "deepspeed_reason": deepspeed_reason,
         "num_processes": world_size,
         "threads_per_process": threads,
         "precision": precision,
         "bf16": precision == "bf16",
-        "zero_stage": 3 if zero3 else _zero_stage(cfg.deepspeed_config),
+        "zero_stage": 3 if zero3 else _zero_stage(deepspeed_config),
         **({"partition_params_per_rank": [s["local_params"] for s in shares],
             "partition_share_per_rank": [round(s["local_params"] / s["total_params"], 4) for s in shares]} if shares else {}),
         **determinism(sessions, alerts, cfg.seed),
@@ -325,9 +334,10 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
     return metrics
 
 
-def _arguments(cfg: Any, ckpt_dir: Path, world_size: int, precision: str) -> Any:
+def _arguments(cfg: Any, ckpt_dir: Path, world_size: int, precision: str, deepspeed_config: Path | None) -> Any:
     """The Trainer's arguments for params `train` (evaluated and checkpointed every few steps) in the resolved
-    `precision` (`tasks.core.training.resolve_precision`)."""
+    `precision` (`tasks.core.training.resolve_precision`), through DeepSpeed when `deepspeed_config` is set
+    (`tasks.core.launch.deepspeed_plan` decides)."""
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -340,7 +350,7 @@ def _arguments(cfg: Any, ckpt_dir: Path, world_size: int, precision: str) -> Any
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.keep_checkpoints,
-        deepspeed=str(cfg.deepspeed_config) if cfg.deepspeed_config is not None else None,
+        deepspeed=str(deepspeed_config) if deepspeed_config is not None else None,
         ddp_backend="gloo" if world_size > 1 and not on_gpu else None,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         **precision_arguments(precision),
@@ -471,7 +481,16 @@ def _fit(
             "tokens": trainer.state.num_input_tokens_seen - session["start_tokens"],
             "start_step": session["start_step"],
             "selected_step": checkpoint_step(Path(selected)) if selected else trainer.state.global_step,
-            "weights": weights, "model": trainer.model, "trainer": trainer}
+            "weights": weights, "model": _without_autocast(trainer.model), "trainer": trainer}
+
+
+def _without_autocast(model: Any) -> Any:
+    """The trained model with its own forward back: under mixed precision accelerate wraps `forward` in
+    autocast, and the val loss measured after training must be the fp32 figure a reload of the saved
+    (fp32) weights gives."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
 def _selected_checkpoint(state: dict[str, Any], ckpt_dir: Path, select_by: str) -> Path | None:
@@ -573,12 +592,13 @@ def _make_trainer(
             session["steps"].append(state.global_step)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    multiple = batch_width_multiple(args)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_features,
         eval_dataset=val_features,
-        data_collator=lambda batch: collate_features(batch, pad_id),
+        data_collator=lambda batch: collate_features(batch, pad_id, multiple),
         processing_class=tokenizer,
         callbacks=[SessionRecorder(), *callbacks],
     )

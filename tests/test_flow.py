@@ -48,6 +48,102 @@ def test_stream_command_passes_lines_and_throttles_progress(tmp_path):
     assert tail[-1] == "last line"
 
 
+def _through_runner(runner: dict, base_env: dict, args: list[str], **extra_env: str) -> tuple[int, list[str]]:
+    """`sftflow ARGS` as a DVC stage command of the flow runs it: the runner's `sftflow` first on PATH,
+    its output read from the runner's named pipe. Returns the exit code and the lines read."""
+    from collections import deque
+
+    from flows.dvc_stage import pump_lines
+    from flows.warm_stages import stage_env, stage_output
+
+    lines: list[str] = []
+    with stage_output(runner, lambda stream: pump_lines(stream, lines.append, deque())) as output_env:
+        env = {**stage_env(base_env, runner), **output_env, **extra_env}
+        proc = subprocess.run(["sftflow", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False)
+    return proc.returncode, lines
+
+
+def test_warm_stage_interpreter_runs_a_command_as_a_fresh_one_would(tmp_path):
+    """A command forked from the warm interpreter prints what the real `sftflow` prints and exits with its
+    code; it runs under the run's pinned environment; one whose environment differs from the server's is
+    refused, said so, and run fresh."""
+    import logging
+
+    from flows.dvc_stage import _subprocess_env, _tool
+    from flows.warm_stages import LOG_FILE, stage_runner
+
+    base_env = _subprocess_env(ROOT)
+    real = subprocess.run([_tool("sftflow"), "params"], cwd=ROOT, env=base_env, capture_output=True, text=True, timeout=120, check=True)
+    expected = [line.rstrip() for line in real.stdout.splitlines() if line.strip()]
+    log = logging.getLogger("test")
+    with stage_runner(tmp_path, base_env, _tool("sftflow"), log, warm=True) as runner:
+        assert runner["socket"]
+        rc, lines = _through_runner(runner, base_env, ["params"])
+        assert rc == 0 and lines == expected  # forked, its stdout in the named pipe, nothing else in it
+        rc, lines = _through_runner(runner, base_env, ["validate", "-p", str(tmp_path / "missing.yaml")])
+        assert rc == 2, lines  # the CLI's exit code for bad params
+        assert any("missing.yaml" in line for line in lines), lines
+        # A variable of the command's own is dropped: the run's pinned environment is the command's.
+        rc, lines = _through_runner(runner, base_env, ["params"], SFTFLOW_TEST_PROBE="1")
+        assert rc == 0 and lines == expected
+        # A pinned environment other than the server's: refused, said so, run fresh.
+        other = tmp_path / "other-env.json"
+        other.write_text(json.dumps({**json.loads(Path(runner["env_file"]).read_text(encoding="utf-8")), "SFTFLOW_TEST_PROBE": "1"}))
+        rc, lines = _through_runner(runner, base_env, ["params"], SFTFLOW_STAGE_ENV=str(other))
+        assert rc == 0
+        assert "cannot run it: the command's environment differs from the one its libraries were imported under (SFTFLOW_TEST_PROBE)" in lines[0]
+        assert lines[1:] == expected  # the fresh interpreter's output, in the same pipe
+    server_log = (tmp_path / LOG_FILE).read_text(encoding="utf-8")
+    assert server_log.count("started `sftflow params`") == 2 and "started `sftflow validate -p" in server_log
+    assert "refused `sftflow params`: the command's environment differs" in server_log
+    with stage_runner(tmp_path, base_env, _tool("sftflow"), log, warm=False) as runner:  # SFTFLOW_WARM_STAGES=0
+        assert not runner["socket"]
+        rc, lines = _through_runner(runner, base_env, ["params"])
+        assert rc == 0 and lines == expected
+
+
+def test_a_dvc_stage_runs_in_process_with_its_command_output_in_the_log(tmp_path):
+    """run_dvc_stage: DVC in this process, the command's output and DVC's messages in the run log (and in
+    the error of a stage that fails), "ran" from DVC; `dvc status` agrees afterwards."""
+    from flows.dvc_stage import run_dvc_stage
+
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  good:\n    cmd: sftflow params --markdown\n    deps: [in.txt]\n"
+        f"  bad:\n    cmd: sftflow validate -p {tmp_path / 'missing.yaml'}\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "in.txt").write_text("1\n", encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        lines: list[str] = []
+        mp.setattr("flows.dvc_stage.run_logger", lambda: _ListLogger(lines))
+        result = run_dvc_stage("good", str(tmp_path))
+        assert result["stage"] == "good" and result["ran"] is True
+        assert "Running stage 'good':" in lines and "> sftflow params --markdown" in lines
+        assert any(line.startswith("| `data.path` |") for line in lines), lines[:20]  # the command's stdout
+        lines.clear()
+        assert run_dvc_stage("good", str(tmp_path))["ran"] is False
+        assert "Stage 'good' didn't change, skipping" in lines
+        with pytest.raises(StageError, match=r"(?s)stage `bad` failed \(failed to reproduce 'bad'.*missing\.yaml"):
+            run_dvc_stage("bad", str(tmp_path))
+    status = subprocess.run([str(dvc), "status", "good"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert "up to date" in status.stdout, status.stdout + status.stderr
+
+
+class _ListLogger:
+    """A run logger that keeps each INFO message."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def info(self, msg: str, *args: object) -> None:
+        self.lines.append(msg % args if args else msg)
+
+    warning = info
+
+
 def test_write_overrides_keeps_comments_and_rejects_unknown_keys(tmp_path):
     from flows.dvc_stage import write_overrides
     from tasks.core.config import ParamsError

@@ -1,18 +1,28 @@
 """tasks/core/generation.py: batched generation equals one-by-one (repetition controls on or off), keeps
-input order, cuts like training; the repetition controls look at generated tokens only."""
+input order, cuts like training; the repetition controls look at generated tokens only. Its own greedy
+loop gives transformers' `model.generate` text one row at a time, with prompts run row by row (the CPU
+prefill) or as one batch with their shared prefix computed once or per row (the accelerator prefill),
+rows leaving the batch at their stop token, on the scratch model, a PEFT-wrapped one and a Qwen2 with
+its real chat template."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import sample_rows
 
+import tasks.core.generation as generation
 from tasks.core.generation import (
     GeneratedNoRepeatNGram,
     GeneratedRepetitionPenalty,
     GenerationSettings,
     _decode_until_eos,
+    decodes_with_own_loop,
+    encode_prompts,
     generate,
+    greedy_config,
     repetition_processors,
+    prefills_row_by_row,
+    shared_prefix_length,
 )
 
 TEMPLATE = "为下面的论文摘要拟一个标题。\n摘要：{text}\n标题："
@@ -103,6 +113,9 @@ def test_empty_input_and_bad_batch_size(sharp_model):
     assert _generate(model, tokenizer, [], batch_size=4) == []
     with pytest.raises(ValueError, match="batch_size"):
         _generate(model, tokenizer, ["x"], batch_size=0)
+    bare = GenerationSettings(prompt_template="{text}", use_chat_template=False, max_new_tokens=4, batch_size=2)
+    with pytest.raises(ValueError, match="text 1 gives an empty prompt"):
+        generate(model, tokenizer, ["摘要", ""], bare)
 
 
 # --- repetition controls --------------------------------------------------------------------------
@@ -181,3 +194,182 @@ def test_settings_of_older_models_and_bad_values():
         GenerationSettings(TEMPLATE, True, 8, no_repeat_ngram_size=-1)
     with pytest.raises(ValueError, match="repetition_penalty"):
         GenerationSettings(TEMPLATE, True, 8, repetition_penalty=0.0)
+
+
+# --- the own greedy loop ----------------------------------------------------------------------------
+
+
+def _plain_one_by_one(model, tokenizer, texts, settings):
+    """What a user writes: transformers' `model.generate` on one row at a time (sftflow's prompt tokens,
+    stop tokens and repetition controls)."""
+    import torch
+
+    config = greedy_config(model, tokenizer, settings.max_new_tokens, use_chat_template=settings.use_chat_template)
+    out = []
+    with torch.inference_mode():
+        for ids in encode_prompts(tokenizer, texts, settings):
+            x = torch.tensor([ids])
+            new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config,
+                                 logits_processor=repetition_processors(settings, len(ids)))[0, len(ids):]
+            out.append(_decode_until_eos(tokenizer, new.tolist(), set(config.eos_token_id)))
+    return out
+
+
+def _settings(batch_size, max_new_tokens=8, template=TEMPLATE, use_chat_template=True, **kw):
+    return GenerationSettings(prompt_template=template, use_chat_template=use_chat_template,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, **kw)
+
+
+def _decode_batch_sizes(model):
+    """Record the number of rows of every one-column (decoding) forward."""
+    sizes = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            sizes.append(ids.shape[0])
+
+    return sizes, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2, "each row keeps at least its last token"
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[5, 2], [1, 2]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 0, "a single row has nothing to share"
+
+
+def _batched_prefill(monkeypatch):
+    """Make `generate` prefill as on an accelerator (the whole batch at once, the shared prefix once)."""
+    monkeypatch.setattr(generation, "prefills_row_by_row", lambda device: False)
+
+
+@pytest.mark.parametrize("prefill", ["row by row", "batched"])
+def test_own_loop_equals_model_generate_one_by_one(sharp_model, looping_model, monkeypatch, prefill):
+    import torch
+
+    assert prefills_row_by_row(torch.device("cpu")) and not prefills_row_by_row(torch.device("cuda", 0))
+    if prefill == "batched":
+        _batched_prefill(monkeypatch)
+    model, tokenizer = sharp_model
+    assert decodes_with_own_loop(model)
+    texts = [r["text"][: 30 + 5 * i] for i, r in enumerate(sample_rows(12))]
+    plain = _plain_one_by_one(model, tokenizer, texts, _settings(1))
+    assert len(set(plain)) == len(texts) and all(plain)
+    for batch_size in (1, 5, 12):
+        assert generate(model, tokenizer, texts, _settings(batch_size)) == plain, batch_size
+    model, tokenizer = looping_model
+    controls = {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+    plain = _plain_one_by_one(model, tokenizer, texts, _settings(1, 24, **controls))
+    assert plain != _plain_one_by_one(model, tokenizer, texts, _settings(1, 24))
+    assert generate(model, tokenizer, texts, _settings(12, 24, **controls)) == plain
+
+
+def test_shared_prefix_computed_once_or_per_row_gives_the_same_text(sharp_model, monkeypatch):
+    model, tokenizer = sharp_model
+    texts = [r["text"][: 30 + 5 * i] for i, r in enumerate(sample_rows(12))]
+    rows = encode_prompts(tokenizer, texts, _settings(12))
+    assert shared_prefix_length(rows) >= len(TEMPLATE.split("{text}")[0]), "the template's instruction is shared"
+    row_by_row = generate(model, tokenizer, texts, _settings(6))
+    _batched_prefill(monkeypatch)
+    prefix_forwards, handle = [], model.register_forward_pre_hook(
+        lambda m, a, k: prefix_forwards.append(k["input_ids"].shape) if k["input_ids"].shape[0] == 1 else None, with_kwargs=True
+    )
+    try:
+        shared = generate(model, tokenizer, texts, _settings(6))
+    finally:
+        handle.remove()
+    assert prefix_forwards and all(shape[1] >= len(TEMPLATE.split("{text}")[0]) for shape in prefix_forwards)
+    assert shared == row_by_row
+    monkeypatch.setattr(generation, "shared_prefix_length", lambda rows: 0)
+    assert generate(model, tokenizer, texts, _settings(6)) == shared
+
+
+@pytest.mark.parametrize(("prefill", "leave_share"), [("row by row", 8), ("batched", 8), ("row by row", 10**6)])
+def test_rows_leave_the_batch_at_their_stop_token_and_the_text_stays(sharp_model, monkeypatch, prefill, leave_share):
+    """Finished rows leave in groups (an eighth of the batch, as shipped) or one by one (10**6)."""
+    if prefill == "batched":
+        _batched_prefill(monkeypatch)
+    monkeypatch.setattr(generation, "LEAVE_SHARE", leave_share)
+    model, tokenizer = sharp_model
+    texts = [r["text"][: 30 + 5 * i] for i, r in enumerate(sample_rows(12))]
+    # Make a character the model writes often a stop token as well: rows then end at different steps.
+    free = generate(model, tokenizer, texts, _settings(12, 16))
+    counts = {}
+    for t in free:
+        for ch in set(t[1:]):
+            counts[ch] = counts.get(ch, 0) + 1
+    stop_char = max(counts, key=counts.get)
+    stop_id = tokenizer.convert_tokens_to_ids(stop_char)
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop_id]
+    try:
+        plain = _plain_one_by_one(model, tokenizer, texts, _settings(1, 16))
+        sizes, handle = _decode_batch_sizes(model)
+        try:
+            batched = generate(model, tokenizer, texts, _settings(12, 16))
+        finally:
+            handle.remove()
+    finally:
+        model.generation_config.eos_token_id = saved
+    lengths = sorted(len(t) for t in plain)
+    assert len(set(lengths)) >= 3 and lengths[0] < 16, f"rows must stop at different steps: {lengths}"
+    assert batched == plain
+    assert sizes[0] == 12 and sizes[-1] < 12 and sizes == sorted(sizes, reverse=True), sizes
+
+
+def test_own_loop_equals_the_model_generate_path(sharp_model, monkeypatch):
+    """The path other models take (`model.generate` on left-padded batches) writes the same text."""
+    model, tokenizer = sharp_model
+    texts = [r["text"][: 30 + 5 * i] for i, r in enumerate(sample_rows(12))]
+    own = generate(model, tokenizer, texts, _settings(5, no_repeat_ngram_size=2))
+    monkeypatch.setattr(generation, "decodes_with_own_loop", lambda model: False)
+    assert generate(model, tokenizer, texts, _settings(5, no_repeat_ngram_size=2)) == own
+
+
+def test_which_models_the_own_loop_decodes(sharp_model):
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    model, tokenizer = sharp_model
+    assert not decodes_with_own_loop(object())
+    sliding = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, sliding_window=8)
+    assert not decodes_with_own_loop(AutoModelForCausalLM.from_config(sliding))
+    # PEFT: the wrapper forwards `cache` and `position_ids` to the model; the adapter's B is 0 at first.
+    texts = [r["text"][:40] for r in sample_rows(4)]
+    before = generate(model, tokenizer, texts, _settings(4))
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert decodes_with_own_loop(peft_model)
+    with torch.no_grad():
+        assert generate(peft_model, tokenizer, texts, _settings(4)) == before
+
+
+@pytest.fixture(scope="module")
+def qwen2_chat(tmp_path_factory):
+    """A tiny Qwen2 with Qwen2.5's real tokenizer and chat template (system turn, `<|im_end|>`), sharp weights."""
+    from real_tokenizers import tiny_model
+
+    return _random_weights(tiny_model("qwen2", tmp_path_factory.mktemp("qwen2-chat")), 0.3)
+
+
+def test_real_chat_template_shares_its_system_turn_and_matches_one_by_one(qwen2_chat, monkeypatch):
+    model, tokenizer = qwen2_chat
+    assert decodes_with_own_loop(model)
+    texts = [r["text"][: 20 + 7 * i] for i, r in enumerate(sample_rows(8))]
+    settings = _settings(8, 10)
+    rows = encode_prompts(tokenizer, texts, settings)
+    system_turn = tokenizer("<|im_start|>system", add_special_tokens=False)["input_ids"]
+    assert rows[0][: len(system_turn)] == system_turn and shared_prefix_length(rows) > len(system_turn) + 5
+    plain = _plain_one_by_one(model, tokenizer, texts, settings)
+    assert len(set(plain)) >= len(texts) - 1, plain
+    assert generate(model, tokenizer, texts, settings) == plain  # row by row
+    _batched_prefill(monkeypatch)
+    assert generate(model, tokenizer, texts, settings) == plain
+    assert generate(model, tokenizer, texts, _settings(3, 10)) == plain
+    monkeypatch.setattr(generation, "shared_prefix_length", lambda rows: 0)
+    assert generate(model, tokenizer, texts, settings) == plain

@@ -527,7 +527,8 @@ def test_train_in_fresh_processes_through_the_flow_and_plain_dvc_gives_identical
     runs it (`run_dvc_stage`: `dvc repro --single-item train` in `_subprocess_env`, with the
     OMP_NUM_THREADS=1 the flow's tests and benchmarks set), once as a plain `dvc repro train` from a
     shell with another OMP_NUM_THREADS, hash seed and tokenizers setting. The defaults that decide the
-    bits stay on: DeepSpeed ZeRO-2 and `train.torch_threads: 0` (threads from the machine). Before the
+    bits stay on: the shipped ZeRO-2 config (on one rank the plain Trainer: `deepspeed_plan`), the
+    shipped precision and `train.torch_threads: 0` (threads from the machine). Before the
     thread count stopped following OMP_NUM_THREADS, 1 thread and 3 threads trained different weights."""
     from flows.dvc_stage import _subprocess_env, run_dvc_stage, write_overrides
     from tasks.core.io import dir_sha256

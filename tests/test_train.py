@@ -1,10 +1,12 @@
 import csv
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,21 +280,32 @@ def test_bad_params_are_named_before_training(tmp_path, project, capsys):
 
 
 def test_precision_is_decided_in_one_place_and_a_wrong_one_names_the_key(tmp_path, project, capsys, monkeypatch):
+    from tasks.core import training
     from tasks.core.training import precision_arguments, resolve_precision
 
     overrides, _ = project
     if not torch.cuda.is_available():
-        for precision in ("fp16", "bf16"):
-            with pytest.raises(ParamsError, match=rf"train\.precision={precision} needs a CUDA GPU.*auto or fp32"):
-                run(params_of(overrides, f"train.precision={precision}"))
+        with pytest.raises(ParamsError, match=r"train\.precision=fp16 needs a CUDA GPU.*auto, bf16 .*or fp32"):
+            run(params_of(overrides, "train.precision=fp16"))
+        with monkeypatch.context() as m:
+            m.setattr(training, "cpu_bf16_units", lambda: [])
+            with pytest.raises(ParamsError, match=r"train\.precision=bf16 needs .*bf16 matrix units.*names none"):
+                run(params_of(overrides, "train.precision=bf16"))
         assert not list((tmp_path / "artifacts" / "train").glob("checkpoints/checkpoint-*"))
     args = ["train", "-p", str(ROOT / "params.yaml")] + [a for o in overrides for a in ("-S", o)]
     assert cli([*args, "-S", "train.precision=fp8"]) == 2
     err = capsys.readouterr().err
     assert "train.precision" in err and "'fp16'" in err
-    # auto: fp32 on the CPU, bf16 on a GPU that has it, fp16 (loss scaling) on one that has not
+    # auto on the CPU: bf16 autocast where the CPU has bf16 units, fp32 where it has none
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_precision("auto") == "fp32" and resolve_precision("fp32") == "fp32"
+    for units, picked in ((["avx512_bf16"], "bf16"), (["amx_bf16"], "bf16"), ([], "fp32")):
+        monkeypatch.setattr(training, "cpu_bf16_units", lambda u=units: u)
+        assert resolve_precision("auto") == picked and resolve_precision("fp32") == "fp32"
+        # DeepSpeed's bf16 casts the model itself: a DeepSpeed run on the CPU stays fp32
+        assert resolve_precision("auto", deepspeed=True) == "fp32"
+    with pytest.raises(ParamsError, match=r"train\.precision=bf16 with DeepSpeed on the CPU .*auto or fp32"):
+        resolve_precision("bf16", deepspeed=True)
+    # on a GPU: bf16 where it has it, fp16 (loss scaling) on one that has not
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
     for has_bf16, picked in ((True, "bf16"), (False, "fp16")):
@@ -302,6 +315,35 @@ def test_precision_is_decided_in_one_place_and_a_wrong_one_names_the_key(tmp_pat
         resolve_precision("bf16")
     assert precision_arguments("fp16") == {"bf16": False, "fp16": True}
     assert precision_arguments("fp32") == {"bf16": False, "fp16": False}
+
+
+def test_cpu_bf16_units_read_the_cpu_flags(tmp_path, monkeypatch):
+    from tasks.core import training
+
+    real_read = Path.read_text
+    for text, units in (
+        ("processor: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n", ["amx_bf16", "avx512_bf16"]),
+        ("processor: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n", []),
+        ("processor: 0\nFeatures\t: fp asimd bf16 i8mm\n", ["bf16"]),
+    ):
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, t=text, **k: t if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k))
+        assert training.cpu_bf16_units() == units
+
+
+def test_one_rank_trains_without_deepspeed_unless_it_offloads(tmp_path):
+    from tasks.core.launch import deepspeed_plan
+
+    zero2 = ROOT / "configs" / "deepspeed" / "zero2.json"
+    assert deepspeed_plan(None, 1) == (False, "train.deepspeed_config is null")
+    used, why = deepspeed_plan(zero2, 1)
+    assert not used and "nothing to split" in why
+    used, why = deepspeed_plan(zero2, 2)
+    assert used and "2 ranks" in why
+    offload = json.loads(zero2.read_text(encoding="utf-8"))
+    offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp_path / "offload.json").write_text(json.dumps(offload), encoding="utf-8")
+    used, why = deepspeed_plan(tmp_path / "offload.json", 1)
+    assert used and "offload_optimizer" in why
 
 
 def test_the_kept_checkpoint_is_the_best_by_val_rouge_not_the_lowest_loss(tmp_path, base_dir, monkeypatch):
@@ -346,3 +388,19 @@ def test_impossible_selection_settings_fail_with_the_key():
         load_params(ROOT / "params.yaml", ["train.eval_generate_rows=0"])
     with pytest.raises(ParamsError, match=r"save_steps \(30\) must be a multiple of train.eval_steps \(20\)"):
         load_params(ROOT / "params.yaml", ["train.save_steps=30", "train.eval_steps=20"])
+
+
+def test_bf16_on_the_cpu_rounds_batch_widths_so_attention_shapes_stay_few(monkeypatch):
+    """torch's CPU attention keeps memory per new shape it runs backward in bf16: the collator rounds widths to 16."""
+    from types import SimpleNamespace
+
+    from tasks.core.training import CPU_BF16_WIDTH_MULTIPLE, batch_width_multiple
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert batch_width_multiple(SimpleNamespace(bf16=True)) == CPU_BF16_WIDTH_MULTIPLE == 16
+    assert batch_width_multiple(SimpleNamespace(bf16=False)) == 1
+    features = [{"input_ids": [5] * n, "attention_mask": [1] * n, "labels": [5] * n} for n in (3, 17)]
+    batch = collate_features(features, 0, 16)
+    assert batch["input_ids"].shape == (2, 32)
+    assert batch["attention_mask"].sum().item() == 20 and (batch["labels"] == -100).sum().item() == 64 - 20
+    assert collate_features(features, 0)["input_ids"].shape == (2, 17)

@@ -564,8 +564,9 @@ class TrainConfig(Section):
     logging_steps: int = Field(default=1, gt=0, description="Log the training loss every N steps.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto",
-        description="Training precision. `auto`: bf16 on a GPU that supports it, fp16 (with loss scaling) on an older "
-        "GPU, fp32 on the CPU. bf16 and fp16 need a CUDA GPU (`tasks.core.training.resolve_precision` decides).",
+        description="Training precision (train, pretrain, align). `auto`: bf16 on a GPU that supports it, fp16 (with loss "
+        "scaling) on an older GPU; on the CPU bf16 autocast where it has bf16 matrix units (avx512_bf16, AMX, Arm bf16), "
+        "else fp32. bf16 keeps fp32 master weights; fp16 needs a CUDA GPU (`tasks.core.training.resolve_precision`).",
     )
     seed: int = Field(default=42, description="Seeds the data order, dropout and the LoRA initialisation.")
 
@@ -770,12 +771,15 @@ class QuantizeConfig(Section):
     stage_help: ClassVar[str] = 'quantize the fine-tuned model; measure size, latency and ROUGE-L against full precision'
     stage_reads: ClassVar[tuple[str, ...]] = ("quantize", "model.trust_remote_code", "data.language", *GENERATION_KEYS)
 
-    methods: list[Literal["int8", "bnb-int8", "bnb-nf4", "bf16"]] = Field(
-        default_factory=lambda: ["int8"],
+    methods: list[Literal["int8", "bnb-int8", "bnb-nf4", "bf16", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]] = Field(
+        default_factory=lambda: ["int8", "gguf-q8_0", "gguf-q4_k_m"],
         description="Variants to build: `int8` (CPU, PyTorch dynamic int8), `bnb-int8` / `bnb-nf4` (bitsandbytes, "
-        "need CUDA), `bf16` (the model in bfloat16, scored in bf16 on the GPU when there is one, else the CPU); "
-        "`register` registers each beside the full model. Each is scored in the dtype and on the device class it "
-        "serves in, and the app serves a variant only where it was scored.",
+        "need CUDA), `bf16` (the model in bfloat16, scored in bf16 on the GPU when there is one, else the CPU), "
+        "`gguf-f16` / `gguf-q8_0` / `gguf-q4_k_m` (CPU: llama.cpp's GGUF run by llama-cpp-python, the `gguf` extra; "
+        "skipped with the reason in metrics/quantize.json for a model llama.cpp cannot convert, such as the scratch "
+        "base's character tokenizer); `register` registers each beside the full model (a GGUF one only when it "
+        "passed). Each is scored in the dtype and on the device class it serves in, and the app serves a variant "
+        "only where it was scored.",
     )
     max_drop: float = Field(
         default=1.0,
@@ -869,10 +873,12 @@ class ServeConfig(Section):
         description="Most ratings/corrections one user (the app's login, else the client address) may send in any "
         "60 s, across every app process sharing `align.feedback_dir`; 0 = no limit.",
     )
-    variant_cpu: Literal["full", "int8", "bf16"] = Field(
+    variant_cpu: Literal["full", "fastest", "int8", "bf16", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"] = Field(
         default="int8",
-        description="Variant served without a GPU (`bf16`: a bf16 variant quantize scored on the CPU); when the "
-        "version has no such variant scored on the CPU, full precision is served and the app says so.",
+        description="Variant served without a GPU (`bf16`: a bf16 variant quantize scored on the CPU; `gguf-*`: "
+        "llama.cpp through llama-cpp-python); `fastest`: of the version's registered CPU variants that quantize "
+        "decided to serve, the one with the lowest latency ratio. When the version has no such variant scored on "
+        "the CPU, full precision is served and the app says so.",
     )
     variant_gpu: Literal["full", "bf16", "bnb-nf4", "bnb-int8"] = Field(
         default="bf16",

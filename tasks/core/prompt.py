@@ -269,11 +269,13 @@ def encode_example(
     }
 
 
-def collate_features(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad encoded examples into tensors (labels padded with -100); extra keys are dropped."""
+def collate_features(features: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    """Right-pad encoded examples into tensors (labels padded with -100) as wide as the longest, rounded up
+    to a multiple of `pad_to_multiple_of`; extra keys are dropped."""
     import torch
 
     width = max(len(f["input_ids"]) for f in features)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for f in features:
         pad = width - len(f["input_ids"])

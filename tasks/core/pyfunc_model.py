@@ -4,7 +4,8 @@
 at load time and takes the model set by `mlflow.models.set_model` below. The model's artifacts are
 the Hugging Face folder (`hf_model`: safetensors + tokenizer; a quantized variant's folder carries
 the quantize stage's marker and loads through `tasks.core.variants.load_quantized`, in the dtype and on
-the device class quantize scored it in: a `bf16` variant generates in bf16 where it was scored) and
+the device class quantize scored it in: a `bf16` variant generates in bf16 where it was scored, a GGUF
+variant (`gguf-*`) in llama.cpp through llama-cpp-python, which the loading environment then needs) and
 `sftflow.json` (generation settings), so a loaded model generates exactly like the stage that scored it
 (`evaluate` for the full model, `quantize` for a variant):
 

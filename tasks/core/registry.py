@@ -85,10 +85,11 @@ def resolve_variant(params: Any, model_version: Any, device: str) -> tuple[str, 
     """Which variant of a version the app serves on `device` (`cpu` or `cuda`), its model URI, and a note
     when it is not the one `serve:` asks for. The app serves this, and `promote` scores this.
 
-    Evaluated = served: `full` is the version itself (float32, as evaluate scored it); any other variant
-    (`int8`, `bf16`, `bnb-*`) is served only when it is registered (its own registered model, which the
+    Evaluated = served: `full` is the version itself (float32, as evaluate scored it); `fastest` is the
+    quickest CPU variant quantize decided to serve (`fastest_cpu_variant`); any other variant
+    (`int8`, `gguf-*`, `bf16`, `bnb-*`) is served only when it is registered (its own registered model, which the
     version's tag `sftflow.variant.<method>` points at) and quantize scored it on this device class:
-    int8 on the CPU, bitsandbytes on a GPU, bf16 where its run's metric `quantize.bf16.on_cuda` says,
+    int8 and GGUF on the CPU, bitsandbytes on a GPU, bf16 where its run's metric `quantize.bf16.on_cuda` says,
     and quantize did not decide against serving it (`sftflow.variant_served.<method>` is not `false`:
     a CPU variant slower than full precision, or one whose ROUGE-L failed the gate).
     Otherwise full precision is served and the note says why.
@@ -105,6 +106,10 @@ def resolve_variant(params: Any, model_version: Any, device: str) -> tuple[str, 
     key = f"serve.variant_{'gpu' if device == 'cuda' else 'cpu'}"
     wanted = params.serve.variant_gpu if device == "cuda" else params.serve.variant_cpu
     own_uri = f"models:/{params.register.model_name}/{version}"
+    if wanted == "fastest":
+        wanted, note = fastest_cpu_variant(model_version)
+        if note:
+            return "full", own_uri, f"{key}=fastest: {note}"
     if wanted == "full":
         return wanted, own_uri, None
     tag = variant_uri_tag(wanted)
@@ -140,6 +145,31 @@ def resolve_variant(params: Any, model_version: Any, device: str) -> tuple[str, 
         )
         return "full", own_uri, note
     return wanted, uri, None
+
+
+def fastest_cpu_variant(model_version: Any) -> tuple[str, str | None]:
+    """`serve.variant_cpu: fastest`: of a version's registered variants scored on the CPU that quantize
+    decided to serve (`sftflow.variant_served.<method>` is `true`: its quality gate passed and it was faster
+    than full precision in every repeat), the one with the lowest highest latency ratio
+    (`quantize.<method>.latency_ratio_high` of the version's run).
+
+    Returns:
+        (the variant, None), or ("full", why none qualifies).
+    """
+    tags = model_version.tags or {}
+    served = [m for m in variant_uris(tags) if tags.get(f"{VARIANT_SERVED_TAG}{m}") == "true"]
+    if not served:
+        return "full", f"version {model_version.version} has no registered variant that quantize decided to serve: serving full precision"
+    try:
+        metrics = client().get_run(model_version.run_id).data.metrics
+    except Exception:  # noqa: BLE001 - no run to read: no ratio to rank by
+        metrics = {}
+    on_cpu = {m: metrics.get(f"quantize.{m}.latency_ratio_high") for m in served
+              if metrics.get(f"quantize.{m}.on_cuda") == 0.0 and metrics.get(f"quantize.{m}.latency_ratio_high") is not None}
+    if not on_cpu:
+        return "full", (f"version {model_version.version}'s served variants {served} have no latency ratio measured on "
+                        "the CPU in its run: serving full precision")
+    return min(on_cpu, key=lambda m: (on_cpu[m], m)), None
 
 
 def client() -> Any:

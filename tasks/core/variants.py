@@ -14,6 +14,9 @@ A variant folder holds the weights (safetensors), config, tokenizer and a marker
 - `bnb-int8`, `bnb-nf4` (CUDA): bitsandbytes through transformers, saved with `save_pretrained`.
 - `bf16`: the model's weights in bfloat16 (safetensors, half the size), generating in bf16 on the device
   class the quantize stage ran on (the GPU when it had one, else the CPU).
+- `gguf-f16`, `gguf-q8_0`, `gguf-q4_k_m` (CPU): llama.cpp's GGUF file (`model.gguf`, converted and quantized
+  by llama.cpp) with the Hugging Face config and tokenizer that build its prompts; generated through
+  llama-cpp-python (`tasks.core.gguf`).
 
 Evaluated = served: the marker names the dtype and the device class (`cpu` or `cuda`) a variant was
 scored in by the quantize stage, and `load_quantized` loads it in exactly that dtype on that device class
@@ -28,19 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import StageError
+from tasks.core.gguf import GGUF_METHODS, LLAMA_CPP_PYTHON
 from tasks.core.io import write_json
 from tasks.core.modeling import load_for_inference, load_model, load_model_and_tokenizer, load_tokenizer, save_model
 
 MARKER_FILE = "sftflow_quantization.json"
 WEIGHTS_FILE = "model.safetensors"
-CPU_METHODS = ("int8",)
+CPU_METHODS = ("int8", *GGUF_METHODS)
 GPU_METHODS = ("bnb-int8", "bnb-nf4")
 # Variants that run on either device class: scored (and served) on the one quantize runs on.
 ANY_DEVICE_METHODS = ("bf16",)
 METHODS = CPU_METHODS + GPU_METHODS + ANY_DEVICE_METHODS
 # The dtype each method's weights hold, and the dtype it computes in.
 METHOD_DTYPES = {"int8": ("int8", "int8"), "bnb-int8": ("int8", "float16"), "bnb-nf4": ("nf4", "bfloat16"),
-                 "bf16": ("bfloat16", "bfloat16")}
+                 "bf16": ("bfloat16", "bfloat16"), "gguf-f16": ("float16", "float16"), "gguf-q8_0": ("q8_0", "q8_0"),
+                 "gguf-q4_k_m": ("q4_k_m", "q4_k_m")}  # GGUF: llama.cpp's kernels multiply the blocks as stored
 FORMAT_VERSION = 1
 
 
@@ -187,11 +192,14 @@ def _replace_linear(model: Any, name: str, q: Any, scale: Any) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _versions() -> dict[str, str]:
+def _versions(method: str) -> dict[str, str]:
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__}
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if method in GGUF_METHODS:
+        versions["llama-cpp-python"] = LLAMA_CPP_PYTHON
+    return versions
 
 
 def save_int8(
@@ -226,10 +234,12 @@ def write_marker(
     layout: dict[str, Any] | None = None,
     source_sha256: str | None = None,
     device: str | None = None,
+    weights_file: str | None = None,
 ) -> None:
     """The marker that says how a folder was quantized, from which model (`source_sha256`: the content
     hash of the full-precision folder), which loader reads it (`load_quantized`), and the dtype and device
-    class it was scored in and serves in (`device`, default `variant_device(method)`)."""
+    class it was scored in and serves in (`device`, default `variant_device(method)`); `weights_file` names
+    a GGUF variant's file (an int8 one's is named with its layout)."""
     weights_dtype, compute_dtype = METHOD_DTYPES[method]
     marker = {
         "format_version": FORMAT_VERSION,
@@ -240,12 +250,14 @@ def write_marker(
         "compute_dtype": compute_dtype,
         "device": device or variant_device(method),
         "loader": "tasks.core.variants.load_quantized",
-        "versions": _versions(),
+        "versions": _versions(method),
         "source_sha256": source_sha256,
     }
     if layout is not None:
         marker["weights_file"] = WEIGHTS_FILE
         marker["layout"] = layout
+    if weights_file is not None:
+        marker["weights_file"] = weights_file
     write_json(Path(out_dir) / MARKER_FILE, marker)
 
 
@@ -278,19 +290,25 @@ def load_quantized(path: str | Path, device_map: Any = "auto") -> tuple[Any, Any
         path: `artifacts/quantize/<method>` (or its copy in the MLflow registry).
         device_map: for the bitsandbytes methods (`auto` spreads a large model over the GPUs); the
             int8 method always loads on the CPU; bf16 loads where it was scored (on a GPU placed by
-            `tasks.core.modeling.inference_placement`).
+            `tasks.core.modeling.inference_placement`); a GGUF method loads into llama.cpp on the CPU.
 
     Returns:
-        (model, tokenizer) ready for `tasks.core.generation.generate`, in eval mode.
+        (model, tokenizer) ready for `tasks.core.generation.generate`, in eval mode (a GGUF variant's
+        model is a `tasks.core.gguf.GgufModel`).
 
     Raises:
-        StageError: no marker, an unknown method, weights that do not fit, or a GPU method without CUDA.
+        StageError: no marker, an unknown method, weights that do not fit, a GPU method without CUDA, or
+            a GGUF method without llama-cpp-python.
     """
     import torch
 
     path = Path(path)
     marker = read_marker(path)
     method = marker["method"]
+    if method in GGUF_METHODS:
+        from tasks.core.gguf import load_gguf
+
+        return load_gguf(path)
     if method == "int8":
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -334,8 +352,8 @@ def require_cuda(method: str) -> None:
 
 
 def weights_bytes(folder: Path) -> int:
-    """Bytes of the weight files (`*.safetensors`, `*.bin`) in a model folder."""
-    files = [p for p in Path(folder).iterdir() if p.suffix in {".safetensors", ".bin"}]
+    """Bytes of the weight files (`*.safetensors`, `*.bin`, a GGUF variant's `*.gguf`) in a model folder."""
+    files = [p for p in Path(folder).iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"}]
     if not files:
-        raise StageError(f"{folder} holds no weight files (*.safetensors)")
+        raise StageError(f"{folder} holds no weight files (*.safetensors, *.gguf)")
     return sum(p.stat().st_size for p in files)
