@@ -257,7 +257,7 @@ def dpo_config(params: StageParams, ckpt_dir: Path) -> Any:
         max_length=None,  # pairs are cut when encoded (train.max_source_length, train.max_target_length)
         disable_dropout=True,
         # bf16 on the CPU keeps memory per attention shape: bounded as train bounds it (batch_width_multiple)
-        pad_to_multiple_of=batch_width_multiple(args) if batch_width_multiple(args) > 1 else None,
+        pad_to_multiple_of=multiple if (multiple := batch_width_multiple(args)) > 1 else None,
     )
 
 

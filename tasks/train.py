@@ -89,6 +89,7 @@ def check_params(params: StageParams) -> None:
 
     cfg = params.train
     problems = []
+    config_readable = False
     if cfg.deepspeed_config is not None:
         path = Path(cfg.deepspeed_config)
         if not path.is_file():
@@ -99,6 +100,7 @@ def check_params(params: StageParams) -> None:
         else:
             try:
                 json.loads(path.read_text(encoding="utf-8"))
+                config_readable = True
             except json.JSONDecodeError as e:
                 problems.append(f"train.deepspeed_config: {path} is not valid JSON ({e})")
     if torch.cuda.is_available():
@@ -115,9 +117,8 @@ def check_params(params: StageParams) -> None:
                 f"set train.num_processes to at most {cores}"
             )
     try:
-        # A missing or broken DeepSpeed config is reported above; its precision check then assumes none.
-        deepspeed = cfg.deepspeed_config is not None and Path(cfg.deepspeed_config).is_file() and not problems and \
-            deepspeed_plan(cfg.deepspeed_config, cfg.num_processes)[0]
+        # A missing or broken DeepSpeed config is reported above; the precision check then assumes none.
+        deepspeed = config_readable and deepspeed_plan(cfg.deepspeed_config, cfg.num_processes)[0]
         resolve_precision(cfg.precision, deepspeed=deepspeed)
     except ParamsError as e:
         problems.append(str(e))

@@ -60,7 +60,7 @@ def deepspeed_plan(config: Path | None, world_size: int) -> tuple[bool, str]:
     ranks, so with several ranks it saves memory; offloading (`offload_optimizer` / `offload_param`
     to the CPU or NVMe) saves GPU memory even on one. One rank without offload has nothing to split:
     the same training as the plain Trainer plus DeepSpeed's bookkeeping (bucketing, flat copies of the
-    gradients: 7% slower per CPU-second in `make bench`), so it runs the plain Trainer. Its result is
+    gradients: 1-7% slower per CPU-second across `make bench` runs), so it runs the plain Trainer. Its result is
     the same model: both are the Trainer's AdamW on fp32 master weights.
 
     Args:
