@@ -56,6 +56,7 @@ from tasks.core.scoring import paired_bootstrap, score_row
 from tasks.core.stage_params import StageParams, stage_entry
 from tasks.core.training import (
     batch_width_multiple,
+    memory_release_callbacks,
     precision_arguments,
     resolve_precision,
     training_arguments,
@@ -256,7 +257,7 @@ def dpo_config(params: StageParams, ckpt_dir: Path) -> Any:
         beta=cfg.beta,
         max_length=None,  # pairs are cut when encoded (train.max_source_length, train.max_target_length)
         disable_dropout=True,
-        # bf16 on the CPU keeps memory per attention shape: bounded as train bounds it (batch_width_multiple)
+        # bf16 on the CPU grows memory per batch shape: bounded as train bounds it (batch_width_multiple)
         pad_to_multiple_of=multiple if (multiple := batch_width_multiple(args)) > 1 else None,
     )
 
@@ -314,6 +315,7 @@ def dpo(params: StageParams, tuned_dir: Path, tokenizer: Any, train_pairs: list[
         eval_dataset=Dataset.from_list(held_features) if held_features else None,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=memory_release_callbacks(args.device),
     )
     trainable, total = count_parameters(trainer.model)
     log.info("align: DPO on %d pairs (%d held out), method %s, %s trainable of %s parameters",

@@ -38,6 +38,7 @@ from tasks.core.prompt import answer_ids, collate_features, encode_prompt
 from tasks.core.stage_params import StageParams, stage_entry
 from tasks.core.training import (
     loss_rows,
+    memory_release_callbacks,
     peak_rss_mb,
     precision_arguments,
     resolve_precision,
@@ -267,6 +268,7 @@ def _pretrain(
         train_dataset=_features(train_blocks),
         eval_dataset=_features(val_blocks) if val_blocks else None,
         data_collator=lambda batch: collate_features(batch, pad_id),
+        callbacks=memory_release_callbacks(args.device),
     )
     start = time.perf_counter()
     result = trainer.train()

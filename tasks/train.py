@@ -62,6 +62,7 @@ from tasks.core.training import (
     batch_width_multiple,
     determinism,
     loss_rows,
+    memory_release_callbacks,
     nondeterministic_ops,
     peak_rss_mb,
     precision_arguments,
@@ -601,6 +602,6 @@ def _make_trainer(
         eval_dataset=val_features,
         data_collator=lambda batch: collate_features(batch, pad_id, multiple),
         processing_class=tokenizer,
-        callbacks=[SessionRecorder(), *callbacks],
+        callbacks=[SessionRecorder(), *callbacks, *memory_release_callbacks(args.device)],
     )
     return trainer, session

@@ -364,7 +364,7 @@ def test_the_kept_checkpoint_is_the_best_by_val_rouge_not_the_lowest_loss(tmp_pa
 
     monkeypatch.setattr(val_rouge, "score_row", score_row)
     monkeypatch.setattr(val_rouge.ValRougeCallback, "on_evaluate", on_evaluate)
-    metrics = run(params_of(_overrides_for(tmp_path, base_dir), "train.eval_generate_rows=4"))
+    metrics = run(params_of(_overrides_for(tmp_path, base_dir), "train.eval_generate_rows=4", "train.select_by=rouge-l"))
     rows = loss_csv(tmp_path)
     val_losses = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
     assert min(val_losses, key=val_losses.get) == 16  # the lowest loss is the last step...
@@ -385,13 +385,13 @@ def test_selecting_by_loss_keeps_the_lowest_val_loss_checkpoint(tmp_path, base_d
 
 def test_impossible_selection_settings_fail_with_the_key():
     with pytest.raises(ParamsError, match="select_by=rouge-l needs train.eval_generate_rows > 0"):
-        load_params(ROOT / "params.yaml", ["train.eval_generate_rows=0"])
+        load_params(ROOT / "params.yaml", ["train.select_by=rouge-l", "train.eval_generate_rows=0"])
     with pytest.raises(ParamsError, match=r"save_steps \(30\) must be a multiple of train.eval_steps \(20\)"):
         load_params(ROOT / "params.yaml", ["train.save_steps=30", "train.eval_steps=20"])
 
 
 def test_bf16_on_the_cpu_rounds_batch_widths_so_attention_shapes_stay_few(monkeypatch):
-    """torch's CPU attention keeps memory per new shape it runs backward in bf16: the collator rounds widths to 16."""
+    """A bf16 CPU process grows with every new batch shape (oneDNN's cache, glibc's heap): the collator rounds widths to 16."""
     from types import SimpleNamespace
 
     from tasks.core.training import CPU_BF16_WIDTH_MULTIPLE, batch_width_multiple
@@ -404,3 +404,34 @@ def test_bf16_on_the_cpu_rounds_batch_widths_so_attention_shapes_stay_few(monkey
     assert batch["input_ids"].shape == (2, 32)
     assert batch["attention_mask"].sum().item() == 20 and (batch["labels"] == -100).sum().item() == 64 - 20
     assert collate_features(features, 0)["input_ids"].shape == (2, 17)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_released_heap_pages_leave_the_process(monkeypatch):
+    """Blocks freed between live ones stay in glibc's heap until trimmed; `release_freed_memory` returns them."""
+    from types import SimpleNamespace
+
+    from tasks.core import training
+
+    blocks = [bytearray(100 * 1024) for _ in range(2000)]  # ~200 MiB of heap blocks (under mmap's threshold)
+    for i in range(len(blocks)):
+        blocks[i][::4096] = b"x" * len(blocks[i][::4096])  # touched: resident
+    kept = blocks[::20]  # one block in 20 stays alive, so the freed ones are holes, not the heap's top
+    del blocks
+    before = _rss_mib()
+    assert training.release_freed_memory() is True
+    assert _rss_mib() < before - 100, (before, _rss_mib())
+    del kept
+
+    calls = []
+    monkeypatch.setattr(training, "release_freed_memory", lambda: calls.append(1) or True)
+    assert training.memory_release_callbacks(torch.device("cuda")) == []
+    (callback,) = training.memory_release_callbacks(torch.device("cpu"))
+    for step in range(1, 25):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert len(calls) == 24 // training.RELEASE_EVERY_STEPS
