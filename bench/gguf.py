@@ -114,6 +114,7 @@ def measure(model_dir: Path, label: str, tmp: Path, params) -> list[dict]:
     out = []
     for method in ("int8", *METHODS):
         ratios = [f / v for f, v in zip(seconds["fp32"], seconds[method])]  # speed-up: fp32 ÷ variant
+        one_ratios = [f / v for f, v in zip(one["fp32"], one[method])]
         agree = sum(a == b for a, b in zip(preds[method], preds["fp32"])) / len(rows)
         drop = rouge["fp32"] - rouge[method]
         passed = drop <= params.quantize.max_drop
@@ -123,13 +124,13 @@ def measure(model_dir: Path, label: str, tmp: Path, params) -> list[dict]:
             "size_ratio": round(sizes[method] / sizes["fp32"], 3), "agreement": agree, "rouge-l_drop": round(drop, 2),
             "gate_passed": passed, "build_s": round(build_s.get(method, 0.0), 1), "convert_f16_s": round(convert_s, 1),
             "fp32_s": [round(s, 2) for s in seconds["fp32"]],
-            "one_request_ratio": round(min(f / v for f, v in zip(one["fp32"], one[method])), 2),
-            "one_request_speedups": [round(f / v, 3) for f, v in zip(one["fp32"], one[method])],
+            "one_request_ratio": round(min(one_ratios), 2),
+            "one_request_speedups": [round(r, 3) for r in one_ratios],
             "one_request_fp32_s": [round(s, 2) for s in one["fp32"]],
             "note": f"fp32 ÷ variant, slowest of {REPEATS}; size x{sizes[method] / sizes['fp32']:.2f}, {agree:.0%} rows = fp32, "
                     f"ROUGE-L drop {drop:.2f} ({'gate passed' if passed else 'gate FAILED'}); one request at a time "
                     f"(batch 1, {ONE_ROWS} rows, as the app serves): "
-                    f"{min(f / v for f, v in zip(one['fp32'], one[method])):.2f}x",
+                    f"{min(one_ratios):.2f}x",
         })
     return out
 

@@ -224,11 +224,11 @@ def _train(params: StageParams, base_dir: Path, ckpt_dir: Path, threads: int) ->
     import torch
 
     cfg = params.train
-    use_deepspeed, deepspeed_reason = deepspeed_plan(cfg.deepspeed_config, int(os.environ.get("WORLD_SIZE", "1")))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_deepspeed, deepspeed_reason = deepspeed_plan(cfg.deepspeed_config, world_size)
     deepspeed_config = cfg.deepspeed_config if use_deepspeed else None
     if use_deepspeed:
-        ensure_distributed_env()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        ensure_distributed_env()  # a single process gets RANK/WORLD_SIZE=0/1, which world_size already assumed
     precision = resolve_precision(cfg.precision, deepspeed=use_deepspeed)
     # The Trainer's arguments exist before the model loads: with a ZeRO-3 config they hold the DeepSpeed
     # config transformers reads in from_pretrained (and from_config), so `deepspeed.zero.Init` builds every

@@ -12,6 +12,7 @@ ranks, an op without a deterministic implementation, a resume under another setu
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,24 +184,27 @@ def release_freed_memory() -> bool:
     so the process grows step by step (bf16 autocast more than fp32: its casts add blocks of other
     sizes). A probe of the scratch shape over 51 widths: bf16 grew 626 -> 2140 MiB, 1029 MiB trimming.
     """
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name) if name else None
-        except OSError:
-            libc = None
-        _LIBC = libc if libc is not None and hasattr(libc, "malloc_trim") else False
-    if not _LIBC:
+    libc = _glibc()
+    if libc is None:
         return False
-    _LIBC.malloc_trim(0)
+    libc.malloc_trim(0)
     return True
 
 
-_LIBC: Any = None
+@functools.cache
+def _glibc() -> Any:
+    """The C library when it has `malloc_trim` (glibc), else None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
 # Trim every N optimizer steps: each trim returns pages the next steps fault back in. Every step cost
 # bench/train.py's shipped arm a fifth of its speed (1.30x vs 1.60x bare); every 8 kept its speed
 # (1.62x) and took its peak RSS from 1.03x to 0.97x the bare Trainer's.
