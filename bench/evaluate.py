@@ -11,8 +11,9 @@ would then prove nothing), with the character tokenizer trained on the demo data
 - `qwen2-3.77M`: a Qwen2 of about the size of the model in issue 22's side-by-side with LLaMA-Factory
   (hidden 256, 4 layers, 4 heads, 2 key/value heads, MLP 688: 3.75M parameters with this vocabulary),
   greedy, 32 new tokens, batch 16, as there. Its rows/s are compared with LLaMA-Factory's 28.2 rows/s
-  (held to >= 3x, i.e. 84.6 rows/s); that figure was measured with 2 threads on 2 idle cores, so a run
-  with fewer threads or a busy machine is not a like-for-like comparison (the note says which).
+  (held to >= 3x, i.e. 84.6 rows/s); that figure was measured with 2 threads on 2 idle cores, so this
+  arm runs with `LLAMA_FACTORY_THREADS` threads too (fewer where the machine has fewer cores; a busy
+  machine is still not a like-for-like comparison: the note gives the load).
 
 Per arm, on the same `ROWS` demo rows (prompts cut to `train.max_source_length` tokens, as evaluate
 cuts them):
@@ -33,9 +34,9 @@ also counts waiting for a core). The ratio depends on the load: the baseline's t
 steps slow down more than the batched path when other processes share the cores (in one session 5.5x
 at load 5, 3.7x when the load fell to 3 during the run), which is why the note gives the load
 average at start and end. A forward hook splits each run into prefill (forwards over more than
-one new column) and decoding. torch runs one thread by default: on a shared machine two OpenMP threads
+one new column) and decoding. The `default` arm runs one torch thread: on a shared machine two OpenMP threads
 spin against other processes and one-by-one decoding (many tiny steps) slowed 100-fold in one run,
-which measured the neighbours, not the code. `BENCH_THREADS=N` measures with N threads on a quiet machine.
+which measured the neighbours, not the code. `BENCH_THREADS=N` measures it with N threads on a quiet machine.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = 64
 REPEATS = 3
 LLAMA_FACTORY_ROWS_PER_S = 28.2  # issue 22: LLaMA-Factory 0.9.5 prediction, 3.77M Qwen2, batch 16, 32 new tokens, 2 threads
+LLAMA_FACTORY_THREADS = 2
 QWEN2_SHAPE = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 688}
 
 
@@ -223,6 +225,7 @@ def main() -> dict:
     texts = [r["text"] for r in rows]
     params = Params()
     default = _arm("default", params, GenerationSettings.of(params), corpus, texts, extra=True)
+    torch.set_num_threads(min(LLAMA_FACTORY_THREADS, os.cpu_count() or 1))
     small = with_model_shape(params, **QWEN2_SHAPE)
     qwen = _arm("qwen2-3.77M", small, replace(GenerationSettings.of(small), max_new_tokens=32, batch_size=16), corpus, texts, extra=False)
     load_end = os.getloadavg()[0]

@@ -240,6 +240,17 @@ def test_shared_prefix_length():
     assert shared_prefix_length([[1, 2, 3]]) == 0, "a single row has nothing to share"
 
 
+def test_decoding_mask_is_an_additive_bias_over_the_prompt_and_new_columns():
+    import torch
+
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    bias = generation._attention_bias(mask, 3, torch.bfloat16)
+    assert bias.shape == (2, 1, 1, 7) and bias.dtype == torch.bfloat16
+    low = torch.finfo(torch.bfloat16).min
+    assert bias[0, 0, 0].tolist() == [low, low, 0, 0, 0, 0, 0], "a row's left padding is hidden, its prompt and new tokens seen"
+    assert bias[1, 0, 0].tolist() == [0] * 7
+
+
 def _batched_prefill(monkeypatch):
     """Make `generate` prefill as on an accelerator (the whole batch at once, the shared prefix once)."""
     monkeypatch.setattr(generation, "prefills_row_by_row", lambda device: False)

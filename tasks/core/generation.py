@@ -19,6 +19,9 @@ because it does what `generate` cannot:
 - the keys and values live in one buffer allocated per batch for the prompt plus `max_new_tokens`
   (`_buffer_cache`): a step writes one column in place, where transformers' `DynamicCache` copies the
   whole cache to append it (on the benchmark model at batch 32 a step took 9.3 ms of CPU time instead of 11.6);
+- the decoding steps take the padding mask as one additive bias built per batch (`_attention_bias`),
+  sliced per step: no 2D mask grown and turned into a 4D one by transformers at every step, and SDPA's
+  CPU kernel reads it faster than a boolean one (the generation benchmark took 3% less CPU time);
 - rows leave the batch after their stop token (in groups: `LEAVE_SHARE`), so later steps compute only
   the rows still writing.
 
@@ -294,6 +297,7 @@ def _greedy_batch(
     prefill = _prefill_rows if prefills_row_by_row(device) else _prefill_batch
     cache, mask, next_position, logits = prefill(model, rows, max_new, pad_id, prefixes, keep_logits)
 
+    bias, width = _attention_bias(mask, max_new, model.dtype), mask.shape[1]
     processors = repetition_processors(settings, 0)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     new = torch.full((n_rows, max_new), pad_id, dtype=torch.long, device=device)
@@ -313,14 +317,31 @@ def _greedy_batch(
             break
         if finished * LEAVE_SHARE >= len(live):
             keep = (~done).nonzero().flatten()
-            live, token, mask, next_position, done = live[keep], token[keep], mask[keep], next_position[keep], done[keep]
+            live, token, bias, next_position, done = live[keep], token[keep], bias[keep], next_position[keep], done[keep]
             cache.batch_select_indices(keep)
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        width += 1
         logits = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=next_position, cache=cache, use_cache=True, **keep_logits
+            input_ids=token[:, None], attention_mask=bias[..., :width], position_ids=next_position, cache=cache, use_cache=True,
+            **keep_logits,
         ).logits
         next_position = next_position + 1
     return new.tolist()
+
+
+def _attention_bias(mask: Any, max_new: int, dtype: Any) -> Any:
+    """The decoding steps' attention mask as the additive `(rows, 1, 1, columns + max_new)` bias that
+    transformers' attention takes as it is: 0 where a row attends, the dtype's minimum on its padding.
+
+    Built once per batch and sliced per step; a 2D mask would be turned into a 4D boolean one by
+    transformers at every step. SDPA's CPU kernel reads an additive mask faster: a decoding step's
+    attention at `bench/evaluate.py`'s shapes (batch 32, ~300 columns) took 444 us against 564 with
+    the boolean mask, 3% of `generate`'s CPU time in all.
+    """
+    import torch
+
+    bias = torch.zeros((mask.shape[0], 1, 1, mask.shape[1] + max_new), dtype=dtype, device=mask.device)
+    bias[:, 0, 0, : mask.shape[1]].masked_fill_(mask == 0, torch.finfo(dtype).min)
+    return bias
 
 
 def _prefill_rows(
