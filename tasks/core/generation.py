@@ -297,7 +297,7 @@ def _greedy_batch(
     prefill = _prefill_rows if prefills_row_by_row(device) else _prefill_batch
     cache, mask, next_position, logits = prefill(model, rows, max_new, pad_id, prefixes, keep_logits)
 
-    bias, width = _attention_bias(mask, max_new, model.dtype), mask.shape[1]
+    bias, prompt_width = _attention_bias(mask, max_new, model.dtype), mask.shape[1]
     processors = repetition_processors(settings, 0)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     new = torch.full((n_rows, max_new), pad_id, dtype=torch.long, device=device)
@@ -319,10 +319,10 @@ def _greedy_batch(
             keep = (~done).nonzero().flatten()
             live, token, bias, next_position, done = live[keep], token[keep], bias[keep], next_position[keep], done[keep]
             cache.batch_select_indices(keep)
-        width += 1
+        columns = prompt_width + step + 1  # the prompt's, the new tokens so far, and the one going in
         logits = model(
-            input_ids=token[:, None], attention_mask=bias[..., :width], position_ids=next_position, cache=cache, use_cache=True,
-            **keep_logits,
+            input_ids=token[:, None], attention_mask=bias[..., :columns], position_ids=next_position, cache=cache,
+            use_cache=True, **keep_logits,
         ).logits
         next_position = next_position + 1
     return new.tolist()
