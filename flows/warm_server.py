@@ -19,6 +19,11 @@ What keeps a child equal to a fresh interpreter:
   handlers before it exits. Python's `random` reseeds itself in a forked child.
 - The server runs one Python thread (native ones only from FORK_SAFE_THREADS) and never touches CUDA,
   so forking it is safe; it refuses to fork when either is no longer true.
+- Its imports start no thread pool: numpy's and scipy's OpenBLAS start their worker threads when they
+  load, and torch starts its OpenMP pool at the first parallel operation (importing transformers runs
+  one), and a process with either could not be forked. So OpenBLAS loads with one thread
+  (`IMPORT_ONLY_ENV`, never in a child's environment) and torch is set to one thread once imported;
+  each child gets back the thread counts a fresh interpreter starts with (`Server.fresh_threads`).
 
 What differs, by design: every child has all of `PRELOAD` in memory (validate and split too, which
 never import torch themselves; a stage's peak RSS counts those pages), and the variables those imports
@@ -92,6 +97,9 @@ MAX_REQUEST_BYTES = 4 << 20
 # Native threads that survive a fork safely: pyarrow's jemalloc purges freed memory in the background and
 # re-creates the thread in a child (datasets forks its `map(num_proc=...)` workers with it running).
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
+# Set in the server while it imports, so that OpenBLAS starts no worker thread; a child's environment is the
+# command's, without them, and its OpenBLAS gets the fresh count back (`openblas_fresh_threads`).
+IMPORT_ONLY_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
 
 def _log(message: str) -> None:
@@ -117,6 +125,32 @@ def _other_threads() -> list[str]:
             if comm not in FORK_SAFE_THREADS:
                 names.append(comm)
     return names
+
+
+def openblas_fresh_threads(env: dict[str, str]) -> int:
+    """The threads OpenBLAS starts with in a fresh interpreter under `env` (its own rule: the first positive
+    OPENBLAS_NUM_THREADS, GOTO_NUM_THREADS or OMP_NUM_THREADS, at most the cores this process may use)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for key in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        try:
+            wanted = int(env.get(key, "").strip().split(",")[0])
+        except ValueError:
+            continue
+        if wanted > 0:
+            return min(wanted, cores)
+    return cores
+
+
+def _restore_threads(fresh: dict[str, int]) -> None:
+    """In a child: the thread counts a fresh interpreter has (`Server.fresh_threads`), for what the server
+    imported with fewer; the pools start in the child when it first needs them."""
+    if "openblas" in fresh:
+        from threadpoolctl import ThreadpoolController
+
+        ThreadpoolController().select(internal_api="openblas").limit(limits=fresh["openblas"])
+    torch = sys.modules.get("torch")
+    if torch is not None and "torch" in fresh:
+        torch.set_num_threads(fresh["torch"])
 
 
 def _refusal(env: dict[str, str], base: dict[str, str]) -> str | None:
@@ -153,11 +187,14 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(data), fds
 
 
-def _run_child(request: dict, fds: list[int], inherited: list[int], import_env: dict[str, str | None]) -> None:
+def _run_child(
+    request: dict, fds: list[int], inherited: list[int], import_env: dict[str, str | None], fresh_threads: dict[str, int]
+) -> None:
     """In the forked child: become the `sftflow` command of `request`, run it, exit with its code.
 
     `import_env`: what importing `PRELOAD` changed in the environment (None: removed), applied on top of
-    the command's own, as the same imports in a fresh interpreter would.
+    the command's own, as the same imports in a fresh interpreter would. `fresh_threads`: the thread
+    counts a fresh interpreter has, restored (`_restore_threads`).
     """
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
@@ -175,6 +212,7 @@ def _run_child(request: dict, fds: list[int], inherited: list[int], import_env: 
         else:
             os.environ[key] = value
     sys.argv = [request.get("argv0", "sftflow"), *request["argv"]]
+    _restore_threads(fresh_threads)
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()  # a fresh import seeds it from the OS; a fork would share the server's state
     code = 1
@@ -213,12 +251,16 @@ class Server:
         self.base_env = dict(os.environ)
         self.children: dict[int, dict] = {}  # pid -> {"conn", "pidfd"}
         self.stopping = False
+        # The thread counts of a fresh interpreter under this environment (which every forked command's is),
+        # for the libraries imported here with one thread: OpenBLAS (IMPORT_ONLY_ENV) and torch (`_serve`).
+        self.fresh_threads: dict[str, int] = {"openblas": openblas_fresh_threads(self.base_env)}
 
     def import_env(self) -> dict[str, str | None]:
-        """What the imports changed in this process's environment (None: a variable they removed)."""
+        """What the imports changed in this process's environment (None: a variable they removed), other
+        than IMPORT_ONLY_ENV, which the server sets itself while it imports."""
         changed: dict[str, str | None] = {k: v for k, v in os.environ.items() if self.base_env.get(k) != v}
         changed.update({k: None for k in self.base_env if k not in os.environ})
-        return changed
+        return {k: v for k, v in changed.items() if k not in IMPORT_ONLY_ENV}
 
     def _own_fds(self) -> list[int]:
         fds = [self.listener.fileno(), self.selector.fileno(), sys.stdin.fileno()]
@@ -246,7 +288,7 @@ class Server:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _run_child(request, fds, [*self._own_fds(), conn.fileno()], self.import_env())
+            _run_child(request, fds, [*self._own_fds(), conn.fileno()], self.import_env(), dict(self.fresh_threads))
         for fd in fds:
             os.close(fd)
         try:
@@ -334,10 +376,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _import_single_threaded(server: Server, name: str) -> None:
+    """Import `name`; torch is then set to one thread, its fresh count kept for the children (a count read
+    before any parallel operation: the one a fresh interpreter with this environment starts with)."""
+    module = __import__(name)
+    if name == "torch":
+        server.fresh_threads["torch"] = module.get_num_threads()
+        module.set_num_threads(1)
+
+
 def _serve(server: Server, warmups: list) -> None:
     """Preload (answering commands between two imports), then serve until the lifeline closes."""
     started = time.monotonic()
-    steps = [(name, lambda name=name: __import__(name)) for name in PRELOAD] + [(w.__name__, w) for w in warmups]
+    steps = [(name, lambda name=name: _import_single_threaded(server, name)) for name in PRELOAD]
+    steps += [(w.__name__, w) for w in warmups]
+    os.environ.update(IMPORT_ONLY_ENV)
     for name, step in steps:
         server.poll(0)  # a stage that arrives early gets what is loaded so far and imports the rest itself
         if server.stopping:
@@ -346,8 +399,13 @@ def _serve(server: Server, warmups: list) -> None:
             step()
         except Exception as e:  # noqa: BLE001 - a stage that needs it fails on its own import, with the real error
             _log(f"could not preload {name}: {type(e).__name__}: {e}")
+    for key in IMPORT_ONLY_ENV:  # back to the environment it was started with
+        if key in server.base_env:
+            os.environ[key] = server.base_env[key]
+        else:
+            os.environ.pop(key, None)
     _log(f"preloaded {len(PRELOAD)} modules in {time.monotonic() - started:.1f} s; they changed the environment's "
-         f"{sorted(server.import_env()) or 'nothing'}")
+         f"{sorted(server.import_env()) or 'nothing'}; children get a fresh interpreter's threads {server.fresh_threads}")
     while not server.stopping:
         server.poll(None)
 

@@ -102,6 +102,67 @@ def test_warm_stage_interpreter_runs_a_command_as_a_fresh_one_would(tmp_path):
         assert rc == 0 and lines == expected
 
 
+def _without_thread_settings(env: dict[str, str]) -> dict[str, str]:
+    """`env` as a user's shell has it: no OMP_NUM_THREADS (conftest sets 1) or OPENBLAS_NUM_THREADS, so
+    numpy's OpenBLAS and torch's OpenMP would start thread pools (2+ cores)."""
+    return {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")}
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no library starts a thread pool")
+def test_warm_interpreter_forks_under_a_users_thread_settings(tmp_path):
+    """With no thread variables set (as `make run` runs), the warm interpreter's preloaded numpy and torch leave
+    no thread pool behind, so it forks the command instead of refusing it (every stage used to start fresh)."""
+    import logging
+    import time
+
+    from flows.dvc_stage import _subprocess_env, _tool
+    from flows.warm_stages import LOG_FILE, stage_runner
+
+    base_env = _without_thread_settings(_subprocess_env(ROOT))
+    log_path = tmp_path / LOG_FILE
+    with stage_runner(tmp_path, base_env, _tool("sftflow"), logging.getLogger("test"), warm=True) as runner:
+        deadline = time.monotonic() + 240
+        while "preloaded" not in (log_path.read_text(encoding="utf-8") if log_path.exists() else ""):
+            assert time.monotonic() < deadline, "the warm interpreter did not finish preloading"
+            time.sleep(0.5)
+        rc, lines = _through_runner(runner, base_env, ["params", "--markdown"])
+        assert rc == 0 and lines[0] == "# Parameters", lines[:3]  # forked: no "cannot run it" line first
+    server_log = log_path.read_text(encoding="utf-8")
+    assert "started `sftflow params --markdown`" in server_log and "refused" not in server_log, server_log
+
+
+def test_warm_interpreter_children_get_a_fresh_interpreters_thread_counts(tmp_path):
+    """The server imports OpenBLAS and torch with one thread (no pool to make forking unsafe); a forked child
+    gets back the counts a fresh interpreter starts with, under the same environment."""
+    probe = (
+        "import json, threadpoolctl, numpy, torch, transformers.modeling_utils, sklearn\n"
+        "blas = [i['num_threads'] for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas']\n"
+        "print(json.dumps({'torch': torch.get_num_threads(), 'openblas': blas}))\n"
+    )
+    warm = (
+        "import json, os, socket, sys\n"
+        "from flows import warm_server as ws\n"
+        "server = ws.Server(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))\n"
+        "os.environ.update(ws.IMPORT_ONLY_ENV)\n"
+        "for name in ('numpy', 'torch', 'transformers.modeling_utils', 'sklearn'):\n"
+        "    ws._import_single_threaded(server, name)\n"
+        "assert ws._other_threads() == [], ws._other_threads()\n"
+        "sys.stdout.flush()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    ws._restore_threads(server.fresh_threads)\n"
+        f"    exec({probe!r})\n"
+        "    sys.stdout.flush(); os._exit(0)\n"
+        "assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0\n"
+    )
+    for extra in ({}, {"OMP_NUM_THREADS": "1"}):
+        env = {**_without_thread_settings(dict(os.environ)), "PYTHONPATH": str(ROOT), **extra}
+        fresh = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120, check=True)
+        forked = subprocess.run([sys.executable, "-c", warm], env=env, cwd=tmp_path, input="", capture_output=True, text=True, timeout=240)
+        assert forked.returncode == 0, forked.stderr[-2000:]
+        assert json.loads(forked.stdout.strip().splitlines()[-1]) == json.loads(fresh.stdout), (extra, forked.stdout, fresh.stdout)
+
+
 def test_a_dvc_stage_runs_in_process_with_its_command_output_in_the_log(tmp_path):
     """run_dvc_stage: DVC in this process, the command's output and DVC's messages in the run log (and in
     the error of a stage that fails), "ran" from DVC; `dvc status` agrees afterwards."""
