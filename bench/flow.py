@@ -3,7 +3,10 @@
 Both arms work on fresh copies of this project (tracked and new files, `git init`ed, its own DVC cache
 and remote, its own sqlite MLflow store) with the tiny data and params of the flow tests
 (`tests/flow_helpers.make_tiny_project`): the worst case for overhead, since every stage's own work is
-small. The same environment for both arms: OMP_NUM_THREADS=1, as in the flow tests.
+small. The same environment for every arm: the one `make run` has, with no thread variables
+(OMP_NUM_THREADS, OPENBLAS_NUM_THREADS), so numpy and torch would start thread pools: under
+OMP_NUM_THREADS=1 (the flow tests') the warm interpreter once forked every stage while under `make run`
+it refused them all. The warm arms must fork every stage command (`warm_refusals`), else the benchmark fails.
 
 - plain: one fresh interpreter calls `tasks.<stage>.run(params)` for each stage the flow runs
   (`PLAIN_STAGES`: the DVC stages, then register and promote), each timed; the baseline is the sum of those times.
@@ -62,14 +65,22 @@ def make_tiny_project(dest: Path) -> Path:
     return make(dest)
 
 
+# Unset in every arm, as in a user's shell (`make run`): each library picks its own thread count.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _env(project: Path) -> dict[str, str]:
-    return dict(
-        os.environ,
-        MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(project),
-    )
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    return dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(project))
+
+
+def warm_refusals(project: Path) -> list[str]:
+    """The stage commands the warm interpreter of a flow run in `project` refused (its log's "refused" lines)."""
+    from flows.warm_stages import LOG_FILE
+
+    log = project / LOG_FILE
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.exists() else []
+    return [line for line in lines if " refused `" in line]
 
 
 def run_plain(project: Path) -> dict[str, Any]:
@@ -96,18 +107,19 @@ def run_flows(project: Path, fresh_project: Path) -> tuple[dict[str, Any], dict[
     from flows.retrain import retrain
 
     env = {**_env(project), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    keys = ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", WARM_ENV)
+    keys = ("MLFLOW_TRACKING_URI", "TOKENIZERS_PARALLELISM", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", WARM_ENV, *THREAD_VARIABLES)
     saved = {k: os.environ.get(k) for k in keys}
     cwd = Path.cwd()
     os.environ.update({k: env[k] for k in keys if k in env})
-    os.environ.pop(WARM_ENV, None)
+    for k in (WARM_ENV, *THREAD_VARIABLES):
+        os.environ.pop(k, None)
     runs = []
 
     def timed(where: Path) -> None:
         os.chdir(where)  # mlflow's default store and relative paths resolve against the cwd
         start = time.perf_counter()
         result = retrain(params_path=str(where / "params.yaml"))
-        runs.append({**result, "wall_seconds": time.perf_counter() - start})
+        runs.append({**result, "wall_seconds": time.perf_counter() - start, "refused": warm_refusals(where)})
 
     try:
         with prefect_test_harness(server_startup_timeout=180):
@@ -148,6 +160,9 @@ def main() -> dict[str, Any]:
         plain = run_plain(make_tiny_project(Path(tmp) / "plain"))
         cold, rerun, fresh = run_flows(make_tiny_project(Path(tmp) / "flow"), make_tiny_project(Path(tmp) / "fresh"))
         same_models = same_outputs(Path(tmp) / "flow", Path(tmp) / "fresh")
+    refused = cold["refused"] + rerun["refused"]
+    if refused:
+        raise RuntimeError(f"the warm stage interpreter refused {len(refused)} stage command(s), which then started fresh: {refused[:3]}")
 
     if cold["status"] != "registered" or rerun["status"] != "nothing changed" or fresh["status"] != "registered":
         raise RuntimeError(
@@ -190,7 +205,8 @@ def main() -> dict[str, Any]:
             "note": (
                 f"cold flow {cold['wall_seconds']:.1f} s vs {fresh['wall_seconds']:.1f} s with SFTFLOW_WARM_STAGES=0 "
                 f"({fresh['wall_seconds'] / stage_sum:.2f}x the plain functions; its DVC stages {fresh_stage_sum:.1f} s, "
-                f"+{fresh_per_stage_extra:.1f} s each); both wrote the same pretrain, train and align models"
+                f"+{fresh_per_stage_extra:.1f} s each); both wrote the same pretrain, train and align models; every stage "
+                f"command forked (none refused), no thread variables set"
             ),
         },
     ]

@@ -212,11 +212,11 @@ def _run_child(
         else:
             os.environ[key] = value
     sys.argv = [request.get("argv0", "sftflow"), *request["argv"]]
-    _restore_threads(fresh_threads)
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()  # a fresh import seeds it from the OS; a fork would share the server's state
     code = 1
     try:
+        _restore_threads(fresh_threads)  # in the try: a failure is the command's, never the server loop's
         from tasks.cli import main
 
         code = main(request["argv"])
