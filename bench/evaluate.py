@@ -51,7 +51,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 64
-REPEATS = 3
+REPEATS = 5  # each arm keeps its fastest of 5 runs (3 left the ratio at 4.05x-4.97x across sessions)
 LLAMA_FACTORY_ROWS_PER_S = 28.2  # issue 22: LLaMA-Factory 0.9.5 prediction, 3.77M Qwen2, batch 16, 32 new tokens, 2 threads
 LLAMA_FACTORY_THREADS = 2
 QWEN2_SHAPE = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 688}
