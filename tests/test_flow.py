@@ -108,6 +108,7 @@ def _without_thread_settings(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")}
 
 
+@pytest.mark.system  # starts the warm server and waits for its whole preload (~15 s)
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no library starts a thread pool")
 def test_warm_interpreter_forks_under_a_users_thread_settings(tmp_path):
     """With no thread variables set (as `make run` runs), the warm interpreter's preloaded numpy and torch leave
