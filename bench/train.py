@@ -30,11 +30,15 @@ the Trainer's own `non_padding` counter (the attention mask's sum), switched on 
 which builds its kernels: a run of hundreds of steps meets each of its few dozen widths many times,
 `tasks.core.training.batch_width_multiple`) and the last (it ends with the checkpoint) are left out.
 
-MFU: training FLOPs/s = 6 x N x real tokens/s (Kaplan et al. 2020: forward 2N + backward 4N per token;
-N = all parameters, the tied embedding counted once, as the output projection; attention-score
-FLOPs, about 12 x layers x hidden x mean length per token, are left out), over this machine's matmul
-peak measured in the same run with the same threads (2048 x 2048 fp32 and bf16 `torch.mm`, best of
-several). Training here runs in fp32 on CPU, so the fp32 peak is the yardstick.
+MFU: the training FLOPs the task needs per second (Kaplan et al. 2020: forward 2N + backward 4N per
+token), over this machine's matmul peak measured in the same run with the same threads (2048 x 2048
+fp32 and bf16 `torch.mm`, best of several). N = all parameters, the tied embedding counted once, as the
+vocabulary projection (`head`, vocabulary x hidden); the projection is needed only at positions whose
+next token is a label (`supervised_share` of the real tokens: the prompt carries no loss), the rest at
+every real token: 6 x (N - head + head x supervised_share) x real tokens/s, the same formula for every
+arm. The bare Trainer projects every position anyway, so its extra work does not count; sftflow's
+collator projects only the supervised ones (`tasks.core.training.with_supervised_positions`).
+Attention-score FLOPs, about 12 x layers x hidden x mean length per token, are left out.
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ def prepare(workdir: Path) -> dict[str, Any]:
     _, total = count_parameters(model)
     return {
         "train_rows": len(train_rows),
+        "head_parameters": model.get_output_embeddings().weight.numel(),
         "data": source,
         "parameters": total,
         "model": params.model.model_dump(),
@@ -199,6 +204,7 @@ class Meter:
         self.baton = baton
         self.collated_real = 0
         self.collated_padded = 0
+        self.collated_supervised = 0  # positions whose next token is a label (the loss's tokens)
         self.steps: list[dict[str, float]] = []  # one per finished step: seconds, CPU seconds, real tokens
         self.peak_rss_mb = 0.0
 
@@ -209,6 +215,7 @@ class Meter:
             batch = collate(features)
             self.collated_real += int(batch["attention_mask"].sum())
             self.collated_padded += int(batch["attention_mask"].numel())
+            self.collated_supervised += int((batch["labels"][:, 1:] != -100).sum())
             return batch
 
         return counted
@@ -269,6 +276,7 @@ class Meter:
             "step_seconds": [round(s["seconds"], 3) for s in self.steps],
             "step_tokens": [s["tokens"] for s in self.steps],
             "pad_share": 1 - self.collated_real / self.collated_padded,
+            "supervised_share": self.collated_supervised / self.collated_real,
             "peak_rss_mb": self.peak_rss_mb,
         }
 
@@ -389,8 +397,14 @@ def main() -> dict[str, Any]:
     n = setup["parameters"]
     fp32_peak, bf16_peak = peaks["fp32"]["flops_per_s"], peaks["bf16"]["flops_per_s"]
 
+    head = setup["head_parameters"]
+
+    def flops_per_token(arm: dict[str, Any]) -> float:
+        # The vocabulary projection is needed only where the next token is a label; the rest at every real token.
+        return 6 * (n - head + head * arm["supervised_share"])
+
     def mfu(arm: dict[str, Any], peak: float = fp32_peak) -> float:
-        return 6 * n * arm["tokens_per_s"] / peak
+        return flops_per_token(arm) * arm["tokens_per_s"] / peak
 
     def describe(arm: dict[str, Any], base: dict[str, Any] = bare) -> str:
         cpu = arm["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
@@ -458,7 +472,9 @@ def main() -> dict[str, Any]:
             "ratio": f"{mfu(grouped):.1%}",
             "target": "info",
             "note": (
-                f"6N x tok/s, N={n / 1e6:.2f}M: {6 * n * grouped['tokens_per_s'] / 1e9:.1f} GFLOP/s vs matmul peak "
+                f"6 x (N - head + head x supervised share) x tok/s, N={n / 1e6:.2f}M, vocabulary projection "
+                f"head={head / 1e6:.2f}M, {grouped['supervised_share']:.0%} of tokens supervised: "
+                f"{flops_per_token(grouped) * grouped['tokens_per_s'] / 1e9:.1f} GFLOP/s vs matmul peak "
                 f"fp32 {fp32_peak / 1e9:.0f} / bf16 {bf16_peak / 1e9:.0f} GFLOP/s ({THREADS} threads): "
                 f"{mfu(grouped):.1%} of fp32's, {mfu(grouped, bf16_peak):.1%} of bf16's; bare {mfu(bare):.1%} of fp32's"
             ),
@@ -475,7 +491,10 @@ def main() -> dict[str, Any]:
         "arms": arms,
         "mfu_fp32": {arm: mfu(a) for arm, a in arms.items()},
         "mfu_bf16": {arm: mfu(a, bf16_peak) for arm, a in arms.items()},
-        "flops_formula": "6 * parameters * real tokens/s (attention scores left out)",
+        "flops_formula": (
+            "6 * (parameters - vocabulary projection + vocabulary projection * supervised share) * real tokens/s: "
+            "the FLOPs the task needs (the projection only where the next token is a label; attention scores left out)"
+        ),
     }
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return result

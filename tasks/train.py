@@ -56,7 +56,7 @@ from tasks.core.modeling import (
     with_lora,
 )
 from tasks.core.plots import write_loss_curve
-from tasks.core.prompt import check_chat_template, collate_features, encode_example, summary_loss
+from tasks.core.prompt import check_chat_template, encode_example, summary_loss
 from tasks.core.stage_params import StageParams, stage_entry
 from tasks.core.training import (
     batch_width_multiple,
@@ -70,6 +70,7 @@ from tasks.core.training import (
     resolve_precision,
     session_setup,
     training_arguments,
+    training_collator,
     use_deterministic_algorithms,
 )
 
@@ -594,13 +595,12 @@ def _make_trainer(
             session["steps"].append(state.global_step)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    multiple = batch_width_multiple(args)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_features,
         eval_dataset=val_features,
-        data_collator=lambda batch: collate_features(batch, pad_id, multiple),
+        data_collator=training_collator(model, pad_id, batch_width_multiple(args)),
         processing_class=tokenizer,
         callbacks=[SessionRecorder(), *callbacks, *memory_release_callbacks(args.device)],
     )

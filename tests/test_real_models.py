@@ -274,6 +274,55 @@ def test_a_lora_target_the_model_lacks_fails_listing_its_layers(loaded, family, 
         resolve_lora_targets(model, targets)
 
 
+# --- the vocabulary projection at supervised positions only ----------------------------------------------
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    out = model(**batch, num_items_in_batch=(batch["labels"][:, 1:] != -100).sum())
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "llama", "phi3", "mistral"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_logits_at_supervised_positions_give_the_full_projections_loss_and_gradients(loaded, family, method):
+    """The train collator marks the positions whose next token is a label; the model projects only those onto
+    its vocabulary, and the loss and every gradient equal the full projection's."""
+    from tasks.core.config import LoraConfig
+    from tasks.core.training import supervised_logits, training_collator, with_supervised_positions
+
+    model, tok = loaded(family)
+    if method == "lora":
+        model = with_lora(model, LoraConfig(r=2, target_modules="all-linear"))
+    model.train()
+    assert supervised_logits(model)
+    features = [encode_example(tok, TEXT, SUMMARY, TEMPLATE, True, 256, 48),
+                encode_example(tok, TEXT + " It was warm and the sun was out.", "Warm.", TEMPLATE, True, 256, 48)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch = collate_features(features, pad)
+    rounded = training_collator(model, pad)(features)
+    exact = with_supervised_positions(batch, multiple=1)
+    supervised = sum(sum(1 for t in f["labels"][1:] if t != -100) for f in features)
+    assert int(exact["logits_to_keep"].sum()) == supervised < batch["attention_mask"].sum() / 2  # prompts carry no loss
+    # As shipped, the projected count is rounded up to 64 (capped at the batch) with positions the loss ignores.
+    assert int((rounded["shift_labels"] != -100).sum()) == supervised
+    assert int(rounded["logits_to_keep"].sum()) == len(rounded["shift_labels"]) == min(64, batch["input_ids"].numel())
+
+    torch.manual_seed(0)
+    full, full_grads = _loss_and_grads(model, batch)
+    assert full.logits.shape[:2] == batch["input_ids"].shape
+    for marked in (exact, rounded):
+        torch.manual_seed(0)
+        kept, kept_grads = _loss_and_grads(model, marked)
+        assert kept.logits.shape == (len(marked["shift_labels"]), full.logits.shape[-1])  # only those rows projected
+        assert torch.allclose(kept.loss, full.loss, rtol=1e-5, atol=1e-6), (kept.loss, full.loss)
+        assert kept_grads.keys() == full_grads.keys() and kept_grads
+        for name, grad in full_grads.items():
+            assert torch.allclose(kept_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
 # --- int8 ----------------------------------------------------------------------------------------------
 
 

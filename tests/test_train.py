@@ -211,8 +211,13 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(tmp_path, referenc
     assert done["steps"] == 16 and done["steps_run"] == 0 and done["val_loss"] == metrics["val_loss"]
 
 
-def test_lora_changes_only_adapted_layers_and_merges(tmp_path, project):
+def test_lora_changes_only_adapted_layers_and_merges(tmp_path, project, monkeypatch):
+    from tasks.core import training
+
     overrides, artifacts = project
+    marked = []  # the stage's collator marks the supervised positions of every batch through the PEFT wrapper
+    mark = training.with_supervised_positions
+    monkeypatch.setattr(training, "with_supervised_positions", lambda batch: marked.append(1) or mark(batch))
     metrics = run(
         params_of(
             overrides,
@@ -230,6 +235,7 @@ def test_lora_changes_only_adapted_layers_and_merges(tmp_path, project):
     assert (artifacts / "train" / "adapter" / "adapter_config.json").exists()
     # the merged folder is a plain model: no LoRA tensors left
     assert not any("lora" in k for k in load_file(artifacts / "train" / "model" / "model.safetensors"))
+    assert len(marked) >= 6
 
 
 @pytest.mark.slow
@@ -404,6 +410,37 @@ def test_bf16_on_the_cpu_rounds_batch_widths_so_attention_shapes_stay_few(monkey
     assert batch["input_ids"].shape == (2, 32)
     assert batch["attention_mask"].sum().item() == 20 and (batch["labels"] == -100).sum().item() == 64 - 20
     assert collate_features(features, 0)["input_ids"].shape == (2, 17)
+
+
+def test_a_model_with_its_own_forward_gets_the_full_logits(tiny_model_dir):
+    """Only transformers' own causal LMs take a position mask and `shift_labels`; any other forward gets plain batches."""
+    from tasks.core.modeling import load_model_and_tokenizer
+    from tasks.core.training import supervised_logits, training_collator, with_supervised_positions
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    assert supervised_logits(model)
+
+    class OwnForward(torch.nn.Module):  # remote code, say: its forward knows nothing of logits_to_keep
+        loss_type = "ForCausalLM"
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            raise NotImplementedError
+
+    assert not supervised_logits(OwnForward())
+    features = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4, "labels": [-100, -100, 7, 8]},
+                {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [-100, 6]}]
+    plain = training_collator(OwnForward(), 0)(features)
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}
+    exact = with_supervised_positions(plain, multiple=1)
+    # position t is kept when the label at t + 1 is one: row 0 predicts 7 and 8 from positions 1 and 2, row 1 predicts 6
+    assert exact["logits_to_keep"].tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert exact["shift_labels"].tolist() == [7, 8, 6]
+    # The count is rounded up (to 4 here; 64 as shipped, capped at the batch) with positions whose label the loss ignores.
+    rounded = with_supervised_positions(plain, multiple=4)
+    assert rounded["logits_to_keep"].tolist() == [[True, True, True, False], [True, False, False, False]]
+    assert rounded["shift_labels"].tolist() == [-100, 7, 8, 6]
+    marked = training_collator(model, 0)(features)
+    assert marked["logits_to_keep"].all() and marked["shift_labels"].tolist() == [-100, 7, 8, -100, 6, -100, -100, -100]
 
 
 def _rss_mib() -> float:
