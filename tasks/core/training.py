@@ -146,7 +146,7 @@ def with_supervised_positions(batch: dict[str, Any], multiple: int = SUPERVISED_
     grouped batches of the shipped shape (2 threads): fwd+bwd 2.49 s against 3.67 s in bf16 with the same
     loss and gradients bit for bit, 3.26 s against 4.61 s in fp32 (equal to 1e-7), and no (batch, width,
     vocabulary) logits in memory (`bench/train.py` measures it in the stage). Pretraining labels every
-    real token, so there it saves only the padded positions.
+    real token, so it would save only the padded positions there, and pretrain does not use it.
 
     The count of projected positions is rounded up to `multiple` with unsupervised ones (label -100, which
     the loss ignores, and which the Trainer's token count skips): every distinct count is a new matmul shape,
@@ -165,7 +165,7 @@ def with_supervised_positions(batch: dict[str, Any], multiple: int = SUPERVISED_
 
 
 def training_collator(model: Any, pad_token_id: int, pad_to_multiple_of: int = 1) -> Any:
-    """The Trainer's collator for pretrain and train: `collate_features` (right padding, widths rounded to
+    """The Trainer's collator for train: `collate_features` (right padding, widths rounded to
     `pad_to_multiple_of`), with the supervised positions marked where the model can use them (`supervised_logits`)."""
     if not supervised_logits(model):
         return lambda features: collate_features(features, pad_token_id, pad_to_multiple_of)
