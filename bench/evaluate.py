@@ -30,7 +30,7 @@ cuts them):
 
 The 28.2 rows/s of LLaMA-Factory were measured on another machine of this workplace: machines differ
 several-fold (bench.train's fp32 matmul peak read 130 GFLOP/s at 2 threads on the machine of the 74abb87
-run, 354 on a later one), so the `qwen2-3.77M` row also gives `hf_batched`, measured in the same run.
+run, 338-354 on a later one), so the `qwen2-3.77M` row also gives `hf_batched`, measured in the same run.
 
 Every run must give the baseline's text exactly. The arms take turns, `REPEATS` times with the order
 rotated, and each keeps its fastest run: on a shared machine the fastest is the least disturbed. Both

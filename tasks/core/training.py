@@ -112,17 +112,15 @@ def batch_width_multiple(args: Any) -> int:
 def supervised_logits(model: Any) -> bool:
     """True when the model can project onto its vocabulary only the positions whose next token carries a label.
 
-    That is transformers' own causal LMs (4.56 and later): their forward slices the final hidden states with
-    `slice_logits_to_keep`, which takes a boolean (batch, width) mask, and scores with `ForCausalLMLoss`, which
-    reads `shift_labels` as given. A model with its own forward (remote code, another loss) gets the full logits.
+    That is transformers' own causal LMs (checked with transformers 5.24): their forward slices the final
+    hidden states with `slice_logits_to_keep`, which takes a boolean (batch, width) mask, and scores with
+    `ForCausalLMLoss`, which reads `shift_labels` as given. A model with its own forward (remote code, another loss) gets the full logits.
     PEFT wrappers are looked through: LoRA changes the layers, not the forward.
     """
     import sys
 
-    try:
-        from transformers.loss.loss_utils import ForCausalLMLoss
-    except ImportError:
-        return False
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     module = sys.modules.get(type(base).__module__)
     return (
